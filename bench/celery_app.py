@@ -1,0 +1,56 @@
+"""The Celery app that bench.bench_celery runs in real worker processes (env-configured)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery, signals
+
+import taskthrottle.celery
+from taskthrottle import Limit, Limiter, RedisStore, throttled
+
+REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/9")
+NS = os.environ.get("BENCH_NS", "bench-celery")
+RATE = float(os.environ.get("BENCH_RATE", "1000000"))
+
+app = Celery("bench", broker=REDIS, backend=REDIS)
+app.conf.update(
+    task_default_queue=NS,
+    broker_transport_options={"global_keyprefix": f"{NS}:kombu:"},
+    result_backend_transport_options={"global_keyprefix": f"{NS}:results:"},
+    worker_prefetch_multiplier=8,
+    broker_connection_retry_on_startup=True,
+)
+taskthrottle.celery.install(app, lambda: Limiter(RedisStore.from_url(REDIS, namespace=NS)))
+
+
+@app.task(shared=False)
+def plain(n: int) -> int:
+    """No throttle: the baseline."""
+    return n
+
+
+@app.task(shared=False)
+@throttled(Limit.per_second("rps", RATE), key="bench")
+def limited(n: int) -> int:
+    """One fleet-wide limit (set high for the throughput run, low for the overload run)."""
+    return n
+
+
+@app.task(rate_limit=f"{RATE}/s", shared=False)
+def celery_rate_limited(n: int) -> int:
+    """The peer: Celery's own rate_limit, which counts per worker node."""
+    return n
+
+
+_deliveries = None
+
+
+@signals.task_prerun.connect(weak=False, dispatch_uid="bench-deliveries")
+def _count(task_id: str, **_: object) -> None:
+    global _deliveries  # noqa: PLW0603  (one client per worker process, made lazily)
+    if _deliveries is None:
+        import redis
+
+        _deliveries = redis.Redis.from_url(REDIS)
+    _deliveries.incr(f"{NS}:deliveries")

@@ -1,0 +1,75 @@
+"""taskthrottle: one rate limit across a whole fleet of Celery and Dramatiq workers.
+
+The public API is what this module exports; everything in underscored modules is private.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from taskthrottle._exceptions import (
+    InvalidInput,
+    InvalidType,
+    MissingDependency,
+    RequestTooLarge,
+    StoreError,
+    TaskThrottleError,
+    Throttled,
+    Violation,
+)
+from taskthrottle._lease import AsyncLease, AsyncReservation, Lease, Reservation
+from taskthrottle._limiter import AsyncLimiter, Limiter
+from taskthrottle._limits import Limit
+from taskthrottle._memory import MemoryStore
+from taskthrottle._store import AsyncStore, Entry, Outcome, Store
+from taskthrottle._throttle import Throttle, current_lease, throttled
+
+if TYPE_CHECKING:
+    from taskthrottle._redis import AsyncRedisStore, RedisStore
+
+__version__ = "0.1.0"
+
+# Tracebacks and reprs name the public home of each class, not its private module.
+for _public in (
+    AsyncLease, AsyncLimiter, AsyncReservation, Entry, InvalidInput, InvalidType, Lease, Limit,
+    Limiter, MemoryStore, MissingDependency, Outcome, RequestTooLarge, Reservation, StoreError,
+    TaskThrottleError, Throttled, Violation,
+):  # fmt: skip
+    _public.__module__ = "taskthrottle"
+
+__all__ = [
+    "AsyncLease",
+    "AsyncLimiter",
+    "AsyncRedisStore",
+    "AsyncReservation",
+    "AsyncStore",
+    "Entry",
+    "InvalidInput",
+    "InvalidType",
+    "Lease",
+    "Limit",
+    "Limiter",
+    "MemoryStore",
+    "MissingDependency",
+    "Outcome",
+    "RedisStore",
+    "RequestTooLarge",
+    "Reservation",
+    "Store",
+    "StoreError",
+    "TaskThrottleError",
+    "Throttle",
+    "Throttled",
+    "Violation",
+    "current_lease",
+    "throttled",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The Redis stores import redis-py, an optional extra: load them on first use only.
+    if name in ("RedisStore", "AsyncRedisStore"):
+        from taskthrottle import _redis
+
+        return getattr(_redis, name)
+    raise AttributeError(f"module 'taskthrottle' has no attribute {name!r}")

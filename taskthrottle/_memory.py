@@ -1,0 +1,228 @@
+"""`MemoryStore`: the embedded store for one process.
+
+State is striped by key, each stripe with its own lock, so threads working on
+different keys do not wait for each other. A lease over several keys takes its
+stripes' locks in index order, which rules out deadlock. A full bucket is the
+same as no bucket, and every key carries an expiry like a Redis TTL, so idle keys
+are dropped by a sweep that runs when a stripe has doubled since the last one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from taskthrottle import _algorithms as alg
+from taskthrottle._store import BUCKET, QUOTA, Entry, Outcome
+
+#: How long (ms) a granted lease id or a settle id is remembered, making a repeat a no-op.
+OP_MEMORY_MS = 60_000
+#: At most this many ids are remembered in memory; past it the older half is forgotten.
+MAX_REMEMBERED = 100_000
+
+Field = tuple[int, str]  # (kind, limit name)
+_new = tuple.__new__
+
+
+class _KeyState:
+    __slots__ = ("expires", "fields")
+
+    def __init__(self) -> None:
+        self.fields: dict[Field, Any] = {}
+        self.expires = 0
+
+
+class _Stripe:
+    __slots__ = ("keys", "lock", "sweep_at")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.keys: dict[str, _KeyState] = {}
+        self.sweep_at = 64
+
+    def get(self, key: str, now: int) -> _KeyState | None:
+        state = self.keys.get(key)
+        return None if state is None or state.expires <= now else state
+
+    def add(self, key: str, now: int) -> _KeyState:
+        """A new, empty state for ``key``; sweeps expired keys when the stripe has doubled."""
+        if len(self.keys) >= self.sweep_at:
+            self.sweep(now)
+        state = self.keys[key] = _KeyState()
+        return state
+
+    def sweep(self, now: int) -> None:
+        self.keys = {key: st for key, st in self.keys.items() if st.expires > now}
+        self.sweep_at = 2 * len(self.keys) + 64
+
+
+class _Locks:
+    """Holds several stripe locks, taken in stripe order so that no two callers deadlock."""
+
+    __slots__ = ("locks",)
+
+    def __init__(self, locks: list[threading.Lock]) -> None:
+        self.locks = locks
+
+    def __enter__(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+
+class MemoryStore:
+    """Limiter state in this process's memory: fast, exact, and gone with the process.
+
+    ``clock`` returns seconds (``time.time`` by default); pass a manual clock in
+    tests. Calendar quotas reset at UTC boundaries of that clock.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, stripes: int = 64) -> None:
+        self._clock = clock
+        self._stripes = [_Stripe() for _ in range(stripes)]
+        self._done: dict[str, int] = {}  # op id -> its turn (ms)
+        self._done_lock = threading.Lock()
+
+    def _locked(self, entries: Sequence[Entry]) -> _Locks | threading.Lock:
+        stripes = self._stripes
+        first = entries[0].key
+        for e in entries:
+            if e.key != first:
+                indices = sorted({hash(e.key) % len(stripes) for e in entries})
+                return _Locks([stripes[i].lock for i in indices])
+        return stripes[hash(first) % len(stripes)].lock
+
+    def _seen(self, op_id: str, now: int) -> int | None:
+        """When ``op_id``'s turn came (ms), if it was done within `OP_MEMORY_MS`."""
+        seen = self._done.get(op_id)
+        return seen if seen is not None and now < seen + OP_MEMORY_MS else None
+
+    def _forget_older_half(self) -> None:
+        # A bounded memory beats remembering every id for the full minute.
+        with self._done_lock:
+            if len(self._done) > MAX_REMEMBERED:
+                self._done = dict(list(self._done.items())[MAX_REMEMBERED // 2 :])
+
+    def acquire(
+        self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
+    ) -> Outcome:
+        """See `taskthrottle.Store.acquire`."""
+        now = round(self._clock() * 1000)
+        with self._locked(entries):
+            turn = self._seen(lease_id, now)
+            if turn is not None:
+                return Outcome(True, max(0, turn - now), now)
+            looks = [self._look(e, now) for e in entries]
+            delay = 0
+            for look in looks:
+                delay = max(delay, look[0])
+            if delay:
+                violations = tuple(
+                    (i, look[0])
+                    for i, (look, e) in enumerate(zip(looks, entries, strict=True))
+                    if look[0] > (max_wait_ms if e.kind == BUCKET else 0)
+                )
+                if violations:
+                    return Outcome(False, delay, now, violations)
+            expiry = now + delay + ttl_ms
+            for entry, look in zip(entries, looks, strict=True):
+                self._charge(entry, look, now, lease_id, expiry)
+            self._done[lease_id] = now + delay  # one dict store: atomic under the GIL
+            if len(self._done) > MAX_REMEMBERED:
+                self._forget_older_half()
+        return _new(Outcome, (True, delay, now, ()))  # Outcome(...) without its slow defaults
+
+    def _look(self, e: Entry, now: int) -> tuple[int, Any, _KeyState | None]:
+        """The wait for ``e``, the current state of its field, and its key's state."""
+        key, _, kind, cap, refill, period, amount = e
+        key_state = self._stripes[hash(key) % len(self._stripes)].keys.get(key)
+        if key_state is None or key_state.expires <= now:
+            key_state = raw = None
+        else:
+            raw = key_state.fields.get((kind, e.name))
+        if kind == BUCKET:
+            level = alg.bucket_level(raw, now, refill, period)
+            return alg.bucket_wait(level, now, cap, refill, period, amount), level, key_state
+        if kind == QUOTA:
+            used = alg.quota_used(raw, now, period)
+            return alg.quota_wait(used, now, cap, period, amount), used, key_state
+        leases = {lid: lease for lid, lease in (raw or {}).items() if lease[1] > now}
+        return alg.slots_wait(leases, now, cap, amount), leases, key_state
+
+    def _charge(
+        self,
+        e: Entry,
+        look: tuple[int, Any, _KeyState | None],
+        now: int,
+        lease_id: str,
+        expiry: int,
+    ) -> None:
+        """Add ``e.amount`` to the field that `_look` found."""
+        _, state, key_state = look
+        if e.kind == BUCKET:
+            new = alg.bucket_add(state, now, e.amount)
+            # An upper bound of the time to full is enough to decide when to drop the key.
+            until = 0 if new is None else new[1] + new[0] * e.period // e.refill + 1
+        elif e.kind == QUOTA:
+            used = max(0, state + e.amount)
+            new = (used, now // e.period) if used else None
+            until = (now // e.period + 1) * e.period
+        else:
+            new, until = state, expiry
+            state[lease_id] = (e.amount, expiry)
+        if key_state is None:
+            if new is None:
+                return
+            stripe = self._stripes[hash(e.key) % len(self._stripes)]
+            key_state = stripe.keys.get(e.key)  # a sibling entry may have made it just now
+            if key_state is None or key_state.expires <= now:
+                key_state = stripe.add(e.key, now)
+        if new is None:
+            key_state.fields.pop((e.kind, e.name), None)
+        else:
+            key_state.fields[(e.kind, e.name)] = new
+            key_state.expires = max(key_state.expires, until)
+
+    def settle(
+        self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
+    ) -> None:
+        """See `taskthrottle.Store.settle`."""
+        now = round(self._clock() * 1000)
+        with self._locked([*deltas, *release]):
+            if self._seen(op_id, now) is not None:
+                return
+            for e in deltas:
+                self._charge(e, self._look(e, now), now, lease_id, now)
+            for e in release:
+                key_state = self._stripes[hash(e.key) % len(self._stripes)].get(e.key, now)
+                slots = None if key_state is None else key_state.fields.get((e.kind, e.name))
+                if slots is not None:
+                    slots.pop(lease_id, None)
+            self._done[op_id] = now
+            if len(self._done) > MAX_REMEMBERED:
+                self._forget_older_half()
+
+    def peek(self, entries: Sequence[Entry]) -> list[int]:
+        """See `taskthrottle.Store.peek`."""
+        now = round(self._clock() * 1000)
+        with self._locked(entries):
+            return [self._available(e, now) for e in entries]
+
+    def _available(self, e: Entry, now: int) -> int:
+        _, state, _ = self._look(e, now)
+        if e.kind == BUCKET:
+            return e.cap - (state[2] if state else 0)
+        if e.kind == QUOTA:
+            return e.cap - int(state)
+        return e.cap - sum(int(weight) for weight, _ in state.values())
+
+    def reset(self, key: str) -> None:
+        """See `taskthrottle.Store.reset`."""
+        stripe = self._stripes[hash(key) % len(self._stripes)]
+        with stripe.lock:
+            stripe.keys.pop(key, None)

@@ -1,0 +1,190 @@
+"""Turning a caller's request into store entries, refusing bad input before anything changes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+from taskthrottle._exceptions import InvalidInput, InvalidType, RequestTooLarge
+from taskthrottle._limits import MAX_EXACT, Limit
+from taskthrottle._store import BUCKET, CONCURRENCY, QUOTA, Entry
+
+KeyLimits = Mapping[str, Sequence[Limit]]
+Target = str | KeyLimits
+Consume = Mapping[str, float]
+
+_KINDS = {"bucket": BUCKET, "concurrency": CONCURRENCY, "quota": QUOTA}
+#: Longest key accepted, in characters; longer keys are almost always a bug.
+MAX_KEY_LENGTH = 4096
+
+
+class _Ids:
+    """Lease ids unique across processes: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+new_id = _Ids().next
+
+
+def milli_amount(value: object, what: str, name: str, *, signed: bool = False) -> int:
+    """``value`` in millitokens (rounded to 0.001); only ``signed`` amounts may be zero or
+    negative. ``what`` formatted with ``name`` labels the value in errors."""
+    kind = type(value)
+    if (kind is float and math.isfinite(value)) or (kind is int and abs(value) < MAX_EXACT):  # type: ignore[arg-type]
+        milli = round(value * 1000)  # type: ignore[operator]
+        if (milli > 0 or signed) and abs(milli) < MAX_EXACT:
+            return milli
+    label = what.format(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{label} must be a number, got {value!r}"
+        raise InvalidType(msg)
+    if (isinstance(value, float) and not math.isfinite(value)) or (value <= 0 and not signed):
+        rule = "a finite number" if signed else "a finite number above zero"
+        msg = f"{label} must be {rule}, got {value!r}"
+        raise InvalidInput(msg)
+    if abs(value) * 1000 >= MAX_EXACT:
+        msg = f"{label} is too large, got {value!r}"
+        raise InvalidInput(msg)
+    msg = f"{label} must be at least 0.001, got {value!r}"
+    raise InvalidInput(msg)
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is usable as a limiter key (any non-empty text)."""
+    if not isinstance(key, str):
+        msg = f"a key must be a str, got {key!r}"
+        raise InvalidType(msg)
+    if not key or len(key) > MAX_KEY_LENGTH:
+        msg = f"a key must have 1 to {MAX_KEY_LENGTH} characters, got {key[:80]!r}"
+        raise InvalidInput(msg)
+    return key
+
+
+def groups(target: object, limits: object) -> list[tuple[str, Sequence[Limit]]]:
+    """The ``(key, limits)`` pairs of a request, checked."""
+    if isinstance(target, str):
+        if limits is None:
+            msg = f"no limits given for key {target!r}"
+            raise InvalidInput(msg)
+        pairs = [(target, limits)]
+    elif isinstance(target, Mapping):
+        if limits is not None:
+            msg = "give limits either in the mapping or as the second argument, not both"
+            raise InvalidInput(msg)
+        pairs = list(target.items())
+    else:
+        msg = f"a key must be a str or a mapping of keys to limits, got {target!r}"
+        raise InvalidType(msg)
+    if not pairs:
+        raise InvalidInput("no keys given")
+    return [(check_key(key), check_limits(key, lims)) for key, lims in pairs]
+
+
+def check_limits(key: str, limits: object) -> Sequence[Limit]:
+    """Return ``limits`` if it is a non-empty sequence of distinctly named `Limit`s."""
+    if isinstance(limits, (str, Limit)) or not isinstance(limits, Sequence):
+        msg = f"limits for key {key!r} must be a list of Limit, got {limits!r}"
+        raise InvalidType(msg)
+    if not limits:
+        msg = f"no limits given for key {key!r}"
+        raise InvalidInput(msg)
+    names: set[str] = set()
+    for limit in limits:
+        if not isinstance(limit, Limit):
+            msg = f"limits for key {key!r} must be Limit objects, got {limit!r}"
+            raise InvalidType(msg)
+        if limit.name in names:
+            msg = f"two limits named {limit.name!r} under key {key!r}"
+            raise InvalidInput(msg)
+        names.add(limit.name)
+    return limits
+
+
+#: Validated requests by (key, *limits): most callers repeat a handful of shapes.
+_shapes: dict[tuple[object, ...], tuple[list[Entry], Names, tuple[Limit, ...]]] = {}
+MAX_SHAPES = 4096
+
+
+class Shape(list[Entry]):
+    """The entries of a cached request shape: the same list object on every call, which lets
+    a store cache its encoding. Never mutated."""
+
+
+class Names(frozenset[str]):
+    """The limit names of a request; ``fits`` when one token of each fits its capacity."""
+
+    fits = False
+
+
+def shape(target: object, limits: object) -> tuple[list[Entry], Names]:
+    """The entries of a request charging one token each, and its limit names; cached for
+    the common single-key form, since validating the same limits again is wasted work."""
+    cacheable = isinstance(target, str) and isinstance(limits, (list, tuple))
+    if cacheable:
+        # Keyed by the limits' ids: cheap to hash, and unambiguous because the cached
+        # entry holds the limits themselves, so no id can be reused while it is cached.
+        cache_key = (target, *map(id, limits))  # type: ignore[call-overload]
+        hit = _shapes.get(cache_key)
+        if hit is not None:
+            return hit[0], hit[1]
+    pairs = groups(target, limits)
+    base = [
+        Entry(key, lim.name, _KINDS[lim.kind], *lim.spec, 1000)
+        for key, lims in pairs
+        for lim in lims
+    ]
+    names = Names(e.name for e in base)
+    names.fits = all(e.amount <= e.cap for e in base)
+    found = base, names
+    if cacheable:
+        if len(_shapes) >= MAX_SHAPES:
+            _shapes.clear()
+        _shapes[cache_key] = (base, names, tuple(limits))  # type: ignore[arg-type]
+    return found
+
+
+def entries(
+    target: object, limits: object, consume: Consume | None, *, default: int = 1000
+) -> list[Entry]:
+    """The store entries a request charges: each named limit ``consume[name]``, others
+    ``default`` millitokens (one token)."""
+    base, names = shape(target, limits)
+    if not consume and default == 1000 and names.fits:
+        return base
+    amounts = check_consume(consume, names) if consume else {}
+    if default != 1000 or amounts:
+        base = [Entry(*e[:6], amounts.get(e.name, default)) for e in base]
+    for e in base:
+        if e.amount > e.cap:
+            msg = (
+                f"consume {e.amount / 1000:g} of {e.name!r} under key {e.key!r} exceeds "
+                f"its capacity {e.cap / 1000:g}: it could never pass"
+            )
+            raise RequestTooLarge(msg)
+    return base
+
+
+def check_consume(consume: object, names: frozenset[str]) -> dict[str, int]:
+    """``consume`` in millitokens, every name known to the request."""
+    if consume is None:
+        return {}
+    if not isinstance(consume, Mapping):
+        msg = f"consume must map limit names to amounts, got {consume!r}"
+        raise InvalidType(msg)
+    if not names.issuperset(consume):
+        unknown = sorted(map(repr, set(consume) - names))
+        msg = f"consume names unknown limits {unknown} (known: {sorted(names)})"
+        raise InvalidInput(msg)
+    return {name: milli_amount(value, "consume[{!r}]", name) for name, value in consume.items()}

@@ -1,0 +1,179 @@
+"""Settings shared by the task-queue integrations, and the state each keeps: a limiter and
+its deferrals, made once per worker process."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+from taskthrottle._deferrals import Deferrals, deferrals_for
+from taskthrottle._exceptions import InvalidInput, StoreError, Throttled
+from taskthrottle._lease import Lease
+from taskthrottle._limiter import Limiter
+from taskthrottle._throttle import Request, Throttle, throttled, throttles_of
+
+log = logging.getLogger("taskthrottle")
+
+_CHOICES = {
+    "on_failure": ("keep", "refund"),
+    "eager": ("wait", "bypass"),
+    "on_store_error": ("defer", "allow"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the gate behaves. Celery reads each field from ``app.conf.taskthrottle_<field>``
+    too; Dramatiq takes them as keyword arguments of the middleware."""
+
+    #: Seconds ahead a task may book its turn; beyond it the task comes back at retry-after.
+    horizon: float = 300.0
+    #: Random extra share of a retry-after, so that refused tasks do not all return at once.
+    jitter: float = 0.1
+    #: A turn further away than this many seconds is parked in the store, not in a worker.
+    park_after: float = 5.0
+    #: Parked tasks are published again this many seconds before their turn.
+    park_lead: float = 2.0
+    #: How often (seconds) each worker looks for parked tasks that are due.
+    park_poll: float = 0.5
+    #: Tokens a failed (raised, retried, timed-out) task consumed: "keep" or "refund".
+    on_failure: str = "keep"
+    #: In eager mode (``task_always_eager``, ``.apply()``): "wait" inline or "bypass".
+    eager: str = "wait"
+    #: When the store fails: "defer" the task (by ``store_retry`` seconds) or "allow" it.
+    on_store_error: str = "defer"
+    #: Seconds to defer a task by when the store failed.
+    store_retry: float = 5.0
+    #: At most this many seconds between tries for a full concurrency limit: a slot is
+    #: usually freed long before its holder's lease could expire.
+    slot_poll: float = 1.0
+    #: ``throttled(**default)`` for every task that has no throttle of its own.
+    default: Mapping[str, Any] | None = None
+    #: Where a limiter is built from when ``install`` is given none.
+    redis_url: str | None = None
+    namespace: str = "taskthrottle"
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                msg = f"taskthrottle {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                raise InvalidInput(msg)
+        numbers = ("horizon", "jitter", "park_after", "park_lead", "park_poll", "store_retry")
+        for name in (*numbers, "slot_poll"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidInput(f"taskthrottle {name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidInput(f"taskthrottle {name} must be finite and >= 0, got {value!r}")
+        if self.park_poll <= 0:
+            raise InvalidInput(f"taskthrottle park_poll must be above 0, got {self.park_poll!r}")
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any], **overrides: Any) -> Settings:
+        """Settings from ``taskthrottle_*`` keys of a Celery configuration, then overrides."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InvalidInput(f"unknown taskthrottle settings {unknown} (known: {sorted(names)})")
+        found = {name: conf.get(f"taskthrottle_{name}") for name in names}
+        given = {name: value for name, value in found.items() if value is not None}
+        return cls(**(given | overrides))
+
+
+class State:
+    """What one integration holds: settings, and a limiter made once per process."""
+
+    def __init__(self, settings: Settings, limiter: Limiter | Callable[[], Limiter] | None):
+        self.settings = settings
+        self._source = limiter
+        self._limiter: Limiter | None = limiter if isinstance(limiter, Limiter) else None
+        self._deferrals: Deferrals | None = None
+        self.default: tuple[Throttle, ...] = ()
+        if settings.default:
+            self.default = throttles_of(throttled(**settings.default)(lambda: None))
+
+    def limiter(self) -> Limiter:
+        """This process's limiter, made on first use (so after a prefork worker forks)."""
+        if self._limiter is None:
+            if callable(self._source):
+                self._limiter = self._source()
+            elif self.settings.redis_url:
+                from taskthrottle._redis import RedisStore
+
+                url, ns = self.settings.redis_url, self.settings.namespace
+                self._limiter = Limiter(RedisStore.from_url(url, namespace=ns))
+            else:
+                self._limiter = Limiter()
+        return self._limiter
+
+    def deferrals(self) -> Deferrals:
+        """Parking and run tokens, kept beside the limiter's state."""
+        if self._deferrals is None:
+            self._deferrals = deferrals_for(self.limiter().store)
+        return self._deferrals
+
+
+def retry_wait(exc: Throttled, ask: Request, settings: Settings) -> float:
+    """When a refused task should try again: its retry-after, except that a full concurrency
+    limit is polled every ``slot_poll`` seconds, plus up to ``jitter`` of it at random."""
+    kinds = {
+        (key, limit.name): limit.kind for key, limits in ask.target.items() for limit in limits
+    }
+    waits = [
+        min(v.retry_after, settings.slot_poll)
+        if kinds.get((v.key, v.limit)) == "concurrency"
+        else v.retry_after
+        for v in exc.violations
+    ]
+    wait = max(waits, default=exc.retry_after)
+    return wait * (1 + settings.jitter * random.random())
+
+
+class Defer(NamedTuple):
+    """A delivery that must wait: hand the task back in ``wait`` seconds, carrying ``meta``
+    (deferrals so far, and the reservation it holds, if any)."""
+
+    meta: dict[str, Any]
+    wait: float
+
+
+def book_turn(
+    state: State, ask: Request, message_id: str, meta: Mapping[str, Any]
+) -> Lease | Defer | None:
+    """What one delivery of a throttled task does: run now under a `Lease`, wait (`Defer`),
+    or run unthrottled (None: the store failed and ``on_store_error`` is "allow")."""
+    limiter, settings = state.limiter(), state.settings
+    if meta.get("lease"):  # a copy handed back for its booked turn: charge nothing again
+        return limiter.restore(meta["lease"], ask.target, consume=ask.consume)
+    generation = int(meta.get("gen", 0))
+    lease_id = f"{message_id}:{generation}"
+    try:
+        booked = limiter.reserve(
+            ask.target, consume=ask.consume, max_wait=settings.horizon, lease_id=lease_id
+        )
+    except Throttled as exc:
+        return Defer({"gen": generation + 1}, retry_wait(exc, ask, settings))
+    except StoreError:
+        log.exception("taskthrottle: the store failed for %s", message_id)
+        if settings.on_store_error == "allow":
+            return None
+        return Defer({"gen": generation + 1}, settings.store_retry)
+    if booked.delay <= 0:
+        return booked.redeem()
+    return Defer({"gen": generation + 1, "lease": lease_id}, booked.delay)
+
+
+def settle(lease: Lease, settings: Settings, *, failed: bool) -> None:
+    """After the body, whatever happened: refund on failure if asked, and free the slots."""
+    try:
+        if failed and settings.on_failure == "refund":
+            spent = {name: -amount for name, amount in lease.consumed.items() if amount}
+            if spent:
+                lease.adjust(**spent)
+        lease.release()
+    except StoreError:
+        log.exception("taskthrottle: could not settle lease %s; its slots expire by TTL", lease.id)

@@ -1,0 +1,101 @@
+"""The store protocol: where limiter state lives, in integer millitokens and milliseconds.
+
+A store knows buckets, slots and quotas by key and limit name; it knows nothing of
+leases beyond their ids, nothing of Celery or Dramatiq. Each method is one atomic
+operation (one Lua call in Redis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+#: Entry kinds, as sent to a store.
+BUCKET, CONCURRENCY, QUOTA = 0, 1, 2
+
+
+class Entry(NamedTuple):
+    """One limit under one key, and the millitokens an operation charges it.
+
+    ``cap`` is the capacity in millitokens; a bucket refills ``refill``
+    millitokens every ``period`` milliseconds; a quota resets every ``period``
+    milliseconds of UTC time.
+    """
+
+    key: str
+    name: str
+    kind: int
+    cap: int
+    refill: int
+    period: int
+    amount: int
+
+
+class Outcome(NamedTuple):
+    """A store's answer to an acquire.
+
+    Granted: ``delay_ms`` is when the turn comes (0 = now). Refused:
+    ``delay_ms`` is the wait after which the whole request would pass, and
+    ``violations`` pairs the index of each refusing entry with its own wait.
+    ``now_ms`` is the store's clock at the decision.
+    """
+
+    granted: bool
+    delay_ms: int
+    now_ms: int
+    violations: tuple[tuple[int, int], ...] = ()
+
+
+class Store(Protocol):
+    """Where limiter state lives. Every method is atomic and idempotent by its id."""
+
+    def acquire(
+        self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
+    ) -> Outcome:
+        """Charge every entry, or none; see `Outcome`.
+
+        A bucket entry may be charged into debt when its turn lies within
+        ``max_wait_ms``; concurrency and quota entries pass only when they fit
+        now. Concurrency slots are held for ``ttl_ms`` after the turn.
+        Repeating a granted ``lease_id`` returns the first answer and charges nothing.
+        """
+        ...
+
+    def settle(
+        self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
+    ) -> None:
+        """Add each delta's ``amount`` (negative refunds) and free ``lease_id``'s slots
+        in ``release``. Repeating an ``op_id`` changes nothing."""
+        ...
+
+    def peek(self, entries: Sequence[Entry]) -> list[int]:
+        """The millitokens (or slots) each entry could take now; negative when in debt."""
+        ...
+
+    def reset(self, key: str) -> None:
+        """Forget every limit under ``key``: they are full again."""
+        ...
+
+
+class AsyncStore(Protocol):
+    """The asyncio twin of `Store`."""
+
+    async def acquire(
+        self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
+    ) -> Outcome:
+        """See `Store.acquire`."""
+        ...
+
+    async def settle(
+        self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
+    ) -> None:
+        """See `Store.settle`."""
+        ...
+
+    async def peek(self, entries: Sequence[Entry]) -> list[int]:
+        """See `Store.peek`."""
+        ...
+
+    async def reset(self, key: str) -> None:
+        """See `Store.reset`."""
+        ...

@@ -1,0 +1,205 @@
+"""`throttled`: the limits a task needs, recorded on the function for an integration to enforce.
+
+The decorator knows nothing of Celery or Dramatiq: it stores `Throttle` specs on
+the function, and `plan` turns them, with a call's arguments, into one
+all-or-nothing request for `Limiter.reserve`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from taskthrottle._exceptions import InvalidInput, InvalidType
+from taskthrottle._lease import Lease
+from taskthrottle._limits import Limit
+
+F = TypeVar("F")
+KeySpec = str | Callable[..., str]
+Amount = float | Callable[..., float]
+
+#: The attribute `throttled` stores its specs under.
+ATTRIBUTE = "__taskthrottle__"
+
+_KEYWORDS: dict[str, Callable[[str, float], Limit]] = {
+    "rps": Limit.per_second,
+    "rpm": Limit.per_minute,
+    "rph": Limit.per_hour,
+    "rpd": Limit.per_day,
+    "tps": Limit.per_second,
+    "tpm": Limit.per_minute,
+    "tph": Limit.per_hour,
+    "tpd": Limit.per_day,
+    "concurrency": Limit.concurrency,
+}
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """One ``@throttled(...)``: limits under one key, and what a call consumes."""
+
+    limits: tuple[Limit, ...]
+    #: A format string over the task's arguments (``"tenant:{tenant_id}"``) or a callable
+    #: of them; None means the task's own name.
+    key: KeySpec | None = None
+    consume: Mapping[str, Amount] = field(default_factory=dict)
+
+
+def throttled(
+    *limits: Limit,
+    key: KeySpec | None = None,
+    consume: Mapping[str, Amount] | None = None,
+    rps: float | None = None,
+    rpm: float | None = None,
+    rph: float | None = None,
+    rpd: float | None = None,
+    tps: float | None = None,
+    tpm: float | None = None,
+    tph: float | None = None,
+    tpd: float | None = None,
+    concurrency: float | None = None,
+) -> Callable[[F], F]:
+    """Record limits on a task function; the Celery and Dramatiq integrations enforce them.
+
+    Keyword limits (``rpm=500``, ``tpm=90_000``, ``concurrency=4``) become limits of those
+    names; `Limit` objects may be given too. ``key`` says whose budget is spent; ``consume``
+    maps limit names to amounts or to callables of the task's arguments. Stacked
+    ``@throttled`` decorators form one all-or-nothing lease.
+    """
+    given = {"rps": rps, "rpm": rpm, "rph": rph, "rpd": rpd, "tps": tps, "tpm": tpm}
+    given |= {"tph": tph, "tpd": tpd, "concurrency": concurrency}
+    built = [_KEYWORDS[name](name, value) for name, value in given.items() if value is not None]
+    for limit in limits:
+        if not isinstance(limit, Limit):
+            msg = f"throttled() takes Limit objects and keyword limits, got {limit!r}"
+            raise InvalidType(msg)
+    spec = Throttle((*limits, *built), key, dict(consume or {}))
+    _check(spec)
+
+    def decorate(func: F) -> F:
+        stacked: tuple[Throttle, ...] = getattr(func, ATTRIBUTE, ())
+        throttles = (*stacked, spec)
+        _check_consume_conflicts(throttles)
+        setattr(func, ATTRIBUTE, throttles)
+        return func
+
+    return decorate
+
+
+def _check(spec: Throttle) -> None:
+    if not spec.limits:
+        raise InvalidInput("throttled() needs at least one limit")
+    names = [limit.name for limit in spec.limits]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise InvalidInput(f"throttled() got two limits named {duplicated}")
+    if spec.key is not None and not (isinstance(spec.key, str) or callable(spec.key)):
+        raise InvalidType(f"key must be a format string or a callable, got {spec.key!r}")
+    unknown = sorted(set(spec.consume) - set(names))
+    if unknown:
+        raise InvalidInput(f"consume names {unknown}, which are not among the limits {names}")
+    for name, amount in spec.consume.items():
+        if not (callable(amount) or isinstance(amount, (int, float))):
+            raise InvalidType(f"consume[{name!r}] must be a number or a callable, got {amount!r}")
+
+
+def _check_consume_conflicts(throttles: tuple[Throttle, ...]) -> None:
+    seen: dict[str, Amount] = {}
+    for spec in throttles:
+        for name, amount in spec.consume.items():
+            if name in seen and seen[name] is not amount:
+                msg = f"stacked throttles give two consume amounts for {name!r}; give it once"
+                raise InvalidInput(msg)
+            seen[name] = amount
+
+
+def throttles_of(task: object) -> tuple[Throttle, ...]:
+    """The throttles recorded on a task object or on its function (``run``, ``fn``)."""
+    for candidate in (task, getattr(task, "run", None), getattr(task, "fn", None)):
+        found = getattr(candidate, ATTRIBUTE, None)
+        if found:
+            return tuple(found)
+    return ()
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a call of a throttled task asks for: keys with their limits, and amounts."""
+
+    target: dict[str, list[Limit]]
+    consume: dict[str, float]
+
+
+def plan(
+    throttles: tuple[Throttle, ...],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    default_key: str,
+) -> Request:
+    """The request a call makes: every throttle's key formatted with the call's arguments."""
+    bound: dict[str, Any] | None = None
+    target: dict[str, list[Limit]] = {}
+    consume: dict[str, float] = {}
+    for spec in throttles:
+        if bound is None and isinstance(spec.key, str) and "{" in spec.key:
+            bound = _arguments(func, args, kwargs)
+        key = _key(spec.key, default_key, bound or {}, func, args, kwargs)
+        target.setdefault(key, []).extend(spec.limits)
+        for name, amount in spec.consume.items():
+            consume[name] = amount(*args, **kwargs) if callable(amount) else amount
+    return Request(target, consume)
+
+
+def _arguments(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    try:
+        bound = inspect.signature(func).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _key(
+    spec: KeySpec | None,
+    default: str,
+    bound: dict[str, Any],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> str:
+    if spec is None:
+        return default
+    if callable(spec):
+        return str(spec(*args, **kwargs))
+    try:
+        return spec.format(**bound)
+    except (KeyError, IndexError) as exc:
+        msg = f"key {spec!r} names {exc} which {func.__qualname__}() was not called with"
+        raise InvalidInput(msg) from exc
+
+
+_current: contextvars.ContextVar[Lease | None] = contextvars.ContextVar(
+    "taskthrottle_lease", default=None
+)
+
+
+def current_lease() -> Lease | None:
+    """The lease of the throttled task running now (for `Lease.adjust`), or None."""
+    return _current.get()
+
+
+@contextmanager
+def lease_scope(lease: Lease) -> Iterator[Lease]:
+    """Make ``lease`` the `current_lease` for the duration of a task body."""
+    token = _current.set(lease)
+    try:
+        yield lease
+    finally:
+        _current.reset(token)

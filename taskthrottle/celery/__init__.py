@@ -1,0 +1,82 @@
+"""Celery: ``install(app, limiter)`` makes every ``@throttled`` task wait for its turn.
+
+    import taskthrottle.celery
+    taskthrottle.celery.install(app, Limiter(RedisStore.from_url("redis://...")))
+
+A throttled task is never run over the limit, never lost, never failed and never
+counted against ``max_retries``: it comes back at the turn its reservation holds (see
+`taskthrottle.celery._gate`). Far turns are parked in the store and released by every
+worker node shortly before they are due (see `taskthrottle.celery._release`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from taskthrottle._exceptions import require
+
+require("celery", "celery")
+
+from celery import Celery  # noqa: E402  (after the check that names the missing extra)
+
+from taskthrottle._limiter import Limiter  # noqa: E402
+from taskthrottle._settings import Settings, State  # noqa: E402
+from taskthrottle._throttle import plan, throttles_of  # noqa: E402
+from taskthrottle.celery._gate import HEADER, ThrottledTask, gated_call, state_of  # noqa: E402
+from taskthrottle.celery._release import Releaser, release_due  # noqa: E402
+
+__all__ = [
+    "HEADER",
+    "Settings",
+    "ThrottledTask",
+    "delay_for",
+    "install",
+    "limiter_for",
+    "release_due",
+]
+
+
+def install(
+    app: Celery, limiter: Limiter | Callable[[], Limiter] | None = None, **settings: Any
+) -> None:
+    """Enforce ``@throttled`` on the tasks of ``app``.
+
+    ``limiter`` is a `Limiter` (shared by every worker when its store is Redis), a
+    factory called once per worker process, or None to build one from
+    ``app.conf.taskthrottle_redis_url`` (a `MemoryStore` when that is unset).
+    ``settings`` override the `Settings` read from ``app.conf``.
+    """
+    app.taskthrottle = State(Settings.from_conf(app.conf, **settings), limiter)
+    app.Task = type("Task", (ThrottledTask, app.Task), {})  # the base of tasks made from now on
+    app.steps["worker"].add(Releaser)
+    app.on_after_finalize.connect(_upgrade_tasks, weak=False, dispatch_uid="taskthrottle")
+    if app.finalized:
+        _upgrade_tasks(app)
+
+
+def _upgrade_tasks(sender: Celery, **_: Any) -> None:
+    """Give the gate to tasks made before ``install``, or with a base class of their own."""
+    for task in sender.tasks.values():
+        cls = type(task)
+        if issubclass(cls, ThrottledTask) or task.name.startswith("celery."):
+            continue
+        if cls.__call__ is not gated_call:
+            cls._taskthrottle_next_call = cls.__call__
+            cls.__call__ = gated_call
+
+
+def limiter_for(app: Celery) -> Limiter:
+    """The limiter ``install`` gave ``app``, in this process."""
+    return state_of(app).limiter()
+
+
+def delay_for(task: Any, *args: Any, **kwargs: Any) -> float:
+    """Seconds a call of ``task`` with these arguments would wait for its turn if sent now
+    (0.0 when it would run at once); read-only, for callers deciding before they send."""
+    state = state_of(task.app)
+    throttles = throttles_of(task) or state.default
+    if not throttles:
+        return 0.0
+    ask = plan(throttles, task.run, args, kwargs, default_key=task.name)
+    return state.limiter().wait_time(ask.target, consume=ask.consume)

@@ -1,0 +1,220 @@
+"""Dramatiq: a middleware that defers throttled messages to their turn.
+
+    broker.add_middleware(ThrottleMiddleware(Limiter(RedisStore.from_url(...))))
+
+    @dramatiq.actor(throttle={"rpm": 500, "tpm": 90_000, "key": "tenant:{tenant_id}"})
+    def summarize(tenant_id, prompt): ...
+
+Before a message is processed the middleware books its turn. A message whose turn is
+later is enqueued again with the delay to its turn (or parked in the store when the turn
+is far away) and the current delivery is skipped and acknowledged: it is never failed and
+never counted against ``max_retries``. The copy carries its reservation in the
+``taskthrottle`` message option and runs without acquiring again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from taskthrottle._deferrals import Parked
+from taskthrottle._deferrals import release_due as release
+from taskthrottle._exceptions import InvalidInput, StoreError, require
+from taskthrottle._lease import Lease
+from taskthrottle._limiter import Limiter
+from taskthrottle._settings import Defer, Settings, State, book_turn, settle
+from taskthrottle._throttle import (
+    Request,
+    Throttle,
+    _current,
+    plan,
+    throttled,
+    throttles_of,
+)
+
+require("dramatiq", "dramatiq")
+
+import dramatiq  # noqa: E402  (after the check that names the missing extra)
+from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage  # noqa: E402
+
+log = logging.getLogger("taskthrottle.dramatiq")
+
+#: The message option a deferred copy carries: {"gen", "lease", "token"}.
+OPTION = "taskthrottle"
+
+
+#: Dramatiq moves delayed messages to their queue only once per worker timeout (1 s by
+#: default), which bunches their starts. So every deferral is parked, and each worker
+#: process releases due messages straight to the queue every 50 ms.
+DRAMATIQ_DEFAULTS: dict[str, Any] = {"park_after": 0.0, "park_lead": 0.0, "park_poll": 0.05}
+
+
+class BadThrottle(MiddlewareError, InvalidInput):
+    """Raised when an actor is declared with a throttle that ``throttled()`` refuses."""
+
+
+class DeferFailed(MiddlewareError):
+    """Raised when the middleware could not decide on a message or hand it back: the message
+    then takes Dramatiq's failure path (Retries) instead of being acknowledged and lost, or
+    run unthrottled."""
+
+
+class ThrottleMiddleware(Middleware):
+    """Enforces ``throttle=...`` actor options and ``@throttled`` specs fleet-wide.
+
+    ``limiter`` is a `Limiter`, a factory called once per worker process, or None for a
+    `MemoryStore` (one process). ``settings`` are the fields of `taskthrottle.celery.Settings`
+    that apply here: horizon, jitter, park_after, park_lead, park_poll, on_failure,
+    on_store_error, store_retry.
+    """
+
+    def __init__(self, limiter: Limiter | Callable[[], Limiter] | None = None, **settings: Any):
+        self.state = State(Settings(**(DRAMATIQ_DEFAULTS | settings)), limiter)
+        self._held: dict[str, tuple[Lease, Any]] = {}
+        self._specs: dict[str, tuple[Throttle, ...]] = {}
+        self._stopping = threading.Event()
+        self._releaser: threading.Thread | None = None
+
+    @property
+    def actor_options(self) -> set[str]:
+        """Dramatiq accepts ``throttle=`` on actors because of this."""
+        return {"throttle"}
+
+    def before_declare_actor(self, broker: Any, actor: Any) -> None:
+        """Check an actor's throttles when it is declared, not when its first message runs
+        (only a MiddlewareError raised here reaches the caller)."""
+        try:
+            self._specs[actor.actor_name] = _throttles_of(actor)
+        except (TypeError, ValueError) as exc:
+            raise BadThrottle(f"actor {actor.actor_name!r} has a bad throttle: {exc}") from exc
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        """Book the message's turn; run it now under its lease, or defer it and skip."""
+        actor = broker.get_actor(message.actor_name)
+        throttles = self._specs.get(actor.actor_name)
+        if throttles is None:
+            throttles = self._specs[actor.actor_name] = _throttles_of(actor)
+        if not throttles:
+            return
+        try:
+            ask = plan(throttles, actor.fn, tuple(message.args), message.kwargs, actor.actor_name)
+            lease = self._admit(broker, message, ask)
+        except MiddlewareError:
+            raise
+        except Exception as exc:
+            # Dramatiq would log any other exception and run the actor anyway, unthrottled.
+            raise DeferFailed(f"could not throttle message {message.message_id}: {exc}") from exc
+        if lease is not None:
+            self._held[message.message_id] = (lease, _current.set(lease))
+
+    def after_process_message(
+        self,
+        broker: Any,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Settle the lease: free its slots, refund on failure if asked."""
+        self._settle(message, failed=exception is not None)
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        """A message skipped after its lease was granted (by a later middleware) settles too."""
+        self._settle(message, failed=True)
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        """Start releasing parked messages from this worker process."""
+        self._releaser = threading.Thread(
+            target=self._release_loop, args=(broker,), name="taskthrottle-releaser", daemon=True
+        )
+        self._releaser.start()
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        """Stop releasing; parked messages wait for another worker."""
+        self._stopping.set()
+        if self._releaser is not None:
+            self._releaser.join(timeout=10)
+
+    def _admit(self, broker: Any, message: Any, ask: Request) -> Lease | None:
+        meta = dict(message.options.get(OPTION) or {})
+        token = meta.get("token")
+        if token and not self._begin(message.message_id, token):
+            log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)
+            raise SkipMessage("taskthrottle: stale copy")
+        turn = book_turn(self.state, ask, message.message_id, meta)
+        if isinstance(turn, Defer):
+            return self._defer(broker, message, turn.meta, turn.wait)
+        return turn
+
+    def _begin(self, message_id: str, token: str) -> bool:
+        try:
+            return self.state.deferrals().begin(message_id, token)
+        except StoreError:
+            return True  # cannot tell: at-least-once beats losing the message
+
+    def _defer(self, broker: Any, message: Any, meta: dict[str, Any], wait: float) -> Lease | None:
+        """Enqueue a copy for ``wait`` seconds from now (or park it), then skip this one."""
+        # Stamped with its turn: AgeLimit should not count the time spent waiting for it.
+        turn = int((time.time() + wait) * 1000)
+        parking = wait > self.state.settings.park_after
+        token = None if parking else uuid.uuid4().hex  # a parked copy gets one on release
+        if token:
+            meta = {**meta, "token": token}
+        copy = message.copy(options={**message.options, OPTION: meta}, message_timestamp=turn)
+        deferrals = self.state.deferrals()
+        try:
+            if token is None:
+                deferrals.park(message.message_id, wait, copy.encode())
+            else:
+                broker.enqueue(copy, delay=max(1, round(wait * 1000)))
+                prior = (message.options.get(OPTION) or {}).get("token")
+                deferrals.expect(message.message_id, token, prior=prior)
+        except Exception as exc:
+            raise DeferFailed(f"could not defer message {message.message_id}: {exc}") from exc
+        # With the Results middleware a skipped message would store None under the same
+        # message id, and a caller waiting for the result would get it before the copy ran.
+        message.options["store_results"] = False
+        raise SkipMessage("taskthrottle: deferred to its turn")  # never returns a lease
+
+    def _settle(self, message: Any, *, failed: bool) -> None:
+        held = self._held.pop(message.message_id, None)
+        if held is None:
+            return
+        lease, token = held
+        _current.reset(token)
+        settle(lease, self.state.settings, failed=failed)
+
+    def _release_loop(self, broker: Any) -> None:
+        while not self._stopping.wait(self.state.settings.park_poll):
+            try:
+                release_due(self, broker)
+            except Exception:
+                log.exception("taskthrottle: releasing parked messages failed; will try again")
+
+
+def release_due(middleware: ThrottleMiddleware, broker: Any) -> int:
+    """Enqueue every parked message due within the lead; returns how many."""
+
+    def publish(item: Parked, token: str) -> None:
+        parked = dramatiq.Message.decode(item.payload)
+        options = {**parked.options, OPTION: {**parked.options.get(OPTION, {}), "token": token}}
+        delay = round(item.due_in * 1000)
+        broker.enqueue(parked.copy(options=options), delay=delay if delay > 0 else None)
+
+    state = middleware.state
+    return release(state.deferrals(), state.settings.park_lead, publish)
+
+
+def _throttles_of(actor: Any) -> tuple[Throttle, ...]:
+    """An actor's ``throttle=`` option (a dict of `throttled` keyword arguments, and
+    ``"limits"``: a list of `Limit` objects) and its ``@throttled`` specs, as one stack."""
+    found = throttles_of(actor.fn)
+    option = dict(actor.options.get("throttle") or {})
+    if option:
+        limits = option.pop("limits", ())  # Limit objects, for what keywords cannot say
+        found = (*found, *throttles_of(throttled(*limits, **option)(lambda: None)))
+    return found

@@ -1,0 +1,97 @@
+--[[ deferrals.lua: tasks parked until their turn, and which copy of a task may run.
+
+KEYS[1]   `{ns}:park:due`      ZSET parked task id -> due ms (Redis time)
+KEYS[2]   `{ns}:park:claimed`  ZSET claimed task id -> claim deadline ms
+KEYS[3]   `{ns}:park:items`    HASH parked task id -> "due_ms|payload"
+KEYS[4]   `{ns}:run:<task id>` STRING (only for begin/expect/park): which copy may run:
+          "parked", a publish token, or "ran:<token>"; EX ARGV[4]
+ARGV[1]   now in ms, or '' to read Redis TIME
+ARGV[2]   the operation: park | claim | done | expect | begin
+ARGV[3..] park:   task id, due in ms, run-key ttl s, payload
+          claim:  lead ms, batch size, claim ms
+          done:   task id
+          expect: task id, token, run-key ttl s, prior token ('' if none): may this copy be
+                  published? (prior: the token of the delivery deferring itself again)
+          begin:  task id, token ('' for an original delivery)
+
+park    returns 1.
+claim   returns {id, ms until due, payload, ...} for tasks due within the lead, and for
+        claims whose holder let the deadline pass (a crashed releaser).
+done    returns 1.
+expect  returns 1 if the token now owns the run key, 0 if an earlier copy already ran
+        (other than the prior one, which is handing itself back).
+begin   returns 1 if this delivery may run: its token owns the key (or it ran under
+        it before: an acks_late redelivery, or the key is gone), or an original whose
+        task was never deferred.
+]]
+
+if redis.replicate_commands then redis.replicate_commands() end
+
+local function clock()
+  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local now, op = clock(), ARGV[2]
+
+if op == 'park' then
+  local due = now + tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[1], string.format('%.0f', due), ARGV[3])
+  redis.call('HSET', KEYS[3], ARGV[3], string.format('%.0f', due) .. '|' .. ARGV[6])
+  redis.call('SET', KEYS[4], 'parked', 'EX', ARGV[5])
+  return 1
+end
+
+if op == 'claim' then
+  local lead, batch, hold = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now), 'LIMIT', 0, batch)
+  local ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now + lead),
+    'LIMIT', 0, batch - #ids)
+  for _, id in ipairs(ready) do ids[#ids + 1] = id end
+  local out = {}
+  for _, id in ipairs(ids) do
+    local item = redis.call('HGET', KEYS[3], id)
+    redis.call('ZREM', KEYS[1], id)
+    if item then
+      redis.call('ZADD', KEYS[2], string.format('%.0f', now + hold), id)
+      local sep = string.find(item, '|', 1, true)
+      out[#out + 1] = id
+      out[#out + 1] = math.max(0, tonumber(string.sub(item, 1, sep - 1)) - now)
+      out[#out + 1] = string.sub(item, sep + 1)
+    else
+      redis.call('ZREM', KEYS[2], id)
+    end
+  end
+  return out
+end
+
+if op == 'done' then
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('HDEL', KEYS[3], ARGV[3])
+  return 1
+end
+
+if op == 'expect' then
+  local current = redis.call('GET', KEYS[4])
+  if current and string.sub(current, 1, 4) == 'ran:' and current ~= 'ran:' .. ARGV[6] then
+    return 0
+  end
+  redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
+  return 1
+end
+
+if op == 'begin' then
+  local current = redis.call('GET', KEYS[4])
+  local token = ARGV[4]
+  if token == '' then return current and 0 or 1 end
+  if not current or current == token then  -- no key: nothing competes (or it expired)
+    redis.call('SET', KEYS[4], 'ran:' .. token, 'KEEPTTL')
+    return 1
+  end
+  if current == 'ran:' .. token then return 1 end
+  return 0
+end
+
+return redis.error_reply('taskthrottle: unknown deferrals operation ' .. tostring(op))

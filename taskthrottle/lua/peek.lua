@@ -1,0 +1,24 @@
+--[[ peek.lua: what each entry could take now; writes nothing.
+
+Keys as in common.lua (the op hashes are not used).
+ARGV[1]      now in ms, or '' to read Redis TIME
+ARGV[2..]    one entry each, as in common.lua (amount ignored)
+
+Returns one integer per entry: available millitokens (or slots), negative in debt.
+]]
+
+local now = clock()
+local entries = read_entries(2)
+local out = {}
+for i, e in ipairs(entries) do
+  e.amount = 0
+  local _, state = look(e, now)
+  if e.kind == 0 then
+    out[i] = e.cap - ((state and state[3]) or 0)
+  elseif e.kind == 2 then
+    out[i] = e.cap - state
+  else
+    out[i] = e.cap - slots_used(state)
+  end
+end
+return out

@@ -1,0 +1,145 @@
+"""The Celery app the integration tests run in real worker processes.
+
+Configured by environment variables so that each test gives its workers their own queue,
+key prefix and limits: TT_REDIS (base URL), TT_NS (prefix), TT_QUEUE, TT_RATE, TT_BURST.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import redis
+from celery import Celery, signals
+
+import taskthrottle.celery
+from taskthrottle import Limit, Limiter, RedisStore, current_lease, throttled
+
+REDIS = os.environ.get("TT_REDIS", "redis://127.0.0.1:6379/9")
+NS = os.environ.get("TT_NS", "tt-celery")
+QUEUE = os.environ.get("TT_QUEUE", "tt-celery")
+RATE = float(os.environ.get("TT_RATE", "20"))
+BURST = float(os.environ.get("TT_BURST", os.environ.get("TT_RATE", "20")))
+
+app = Celery("tt_test", broker=os.environ.get("TT_BROKER", REDIS), backend=REDIS)
+VISIBILITY = float(os.environ.get("TT_VISIBILITY", "3600"))
+app.conf.update(
+    task_default_queue=QUEUE,
+    broker_transport_options={"global_keyprefix": f"{NS}:kombu:", "visibility_timeout": VISIBILITY},
+    result_backend_transport_options={"global_keyprefix": f"{NS}:results:"},
+    worker_prefetch_multiplier=4,
+    task_acks_late=os.environ.get("TT_ACKS_LATE") == "1",
+    task_reject_on_worker_lost=os.environ.get("TT_ACKS_LATE") == "1",
+    broker_connection_retry_on_startup=True,
+)
+LEASE_TTL = float(os.environ.get("TT_LEASE_TTL", "300"))
+taskthrottle.celery.install(
+    app,
+    lambda: Limiter(RedisStore.from_url(REDIS, namespace=NS), lease_ttl=LEASE_TTL),
+    horizon=120.0,
+    on_failure=os.environ.get("TT_ON_FAILURE", "keep"),
+)
+_log = redis.Redis.from_url(REDIS)
+
+
+def record(kind: str, task_id: str, extra: str = "") -> None:
+    """Append an event to the test's journal: kind, task id, time, extra."""
+    _log.rpush(f"{NS}:journal", f"{kind} {task_id} {time.time():.6f} {extra}")
+
+
+@app.task(bind=True, shared=False)
+@throttled(Limit.per_second("rps", RATE, burst=BURST), key="shared")
+def limited(self: object, n: int) -> int:
+    """A task under one fleet-wide limit: records its start, its retries, returns n * 2."""
+    request = self.request  # type: ignore[attr-defined]
+    record("start", request.id, f"retries={request.retries}")
+    return n * 2
+
+
+@app.task(bind=True, shared=False)
+@throttled(Limit.per_second("slow", float(os.environ.get("TT_SLOW_RATE", "1")), burst=1), key="far")
+def far(self: object, n: int) -> int:
+    """A task whose turns lie far apart: most copies wait parked in Redis."""
+    record("start", self.request.id)  # type: ignore[attr-defined]
+    return n
+
+
+@app.task(bind=True, shared=False)
+@throttled(concurrency=1, tpd=60_000, key="guarded", consume={"tpd": 100})
+def guarded(self: object, n: int, fail: bool = False) -> int:
+    """One at a time; a failing call raises after its slot and tokens were taken."""
+    record("start", self.request.id, f"pid={os.getpid()}")  # type: ignore[attr-defined]
+    if fail:
+        raise ValueError(f"task {n} fails on purpose")
+    if os.environ.get("TT_HANG_MARKER") and not os.path.exists(os.environ["TT_HANG_MARKER"]):
+        Path(os.environ["TT_HANG_MARKER"]).touch()
+        time.sleep(120)  # killed by the test long before this ends
+    return n
+
+
+@app.task(bind=True, shared=False)
+@throttled(tpm=60_000, key="tenant:{tenant}", consume={"tpm": lambda tenant, words: words})
+def llm(self: object, tenant: str, words: int) -> dict[str, float]:
+    """Adjusts its lease as an LLM task reports real use; returns what the lease holds."""
+    lease = current_lease()
+    assert lease is not None
+    lease.adjust(tpm=words // 2)
+    return lease.consumed
+
+
+@signals.task_prerun.connect(weak=False, dispatch_uid="tt-test-deliveries")
+def _count_delivery(task_id: str, task: object, **_: object) -> None:
+    """Every delivery passes here, deferred ones included."""
+    record("delivery", task_id)
+
+
+_IN_WORKER = "worker" in sys.argv  # faults are injected in worker processes only
+_CRASH_MARKER = os.environ.get("TT_CRASH_AFTER_DEFER")
+if _CRASH_MARKER and _IN_WORKER:
+    # Kill the worker process once, after a deferred copy is published and before the
+    # original is acknowledged: the broker then redelivers the original.
+    from celery.exceptions import Ignore
+
+    from taskthrottle.celery import _gate
+
+    # Keep the original across reloads of this module (the tests reload it per fleet).
+    _publish_and_skip = getattr(_gate, "_tt_original_defer", _gate._defer)
+    _gate._tt_original_defer = _publish_and_skip  # type: ignore[attr-defined]
+    _marker: str = _CRASH_MARKER
+
+    def _defer_then_crash(*args: object, **kwargs: object) -> object:
+        try:
+            return _publish_and_skip(*args, **kwargs)  # type: ignore[arg-type]
+        except Ignore:
+            if not os.path.exists(_marker):
+                Path(_marker).touch()
+                os._exit(1)
+            raise
+
+    _gate._defer = _defer_then_crash  # type: ignore[assignment]
+
+
+_FAIL_MARKER = os.environ.get("TT_FAIL_PUBLISH_ONCE")
+if _FAIL_MARKER and _IN_WORKER:
+    # The broker refuses the first deferred copy, as if it were down for a moment.
+    from celery.canvas import Signature
+
+    _apply_async = getattr(Signature, "_tt_original_apply_async", Signature.apply_async)
+    Signature._tt_original_apply_async = _apply_async
+    _fail_marker: str = _FAIL_MARKER
+
+    def _refuse_once(self: Signature, *args: object, **kwargs: object) -> object:
+        if not os.path.exists(_fail_marker):
+            Path(_fail_marker).touch()
+            raise ConnectionError("broker down (simulated)")
+        return _apply_async(self, *args, **kwargs)
+
+    setattr(Signature, "apply_async", _refuse_once)  # noqa: B010  (Celery is untyped here)
+
+
+@app.task(bind=True, shared=False)
+def note(self: object, value: object) -> None:
+    """A link callback: records that it ran, with the value it was given."""
+    record("callback", self.request.id, str(value))  # type: ignore[attr-defined]

@@ -1,0 +1,107 @@
+"""The Dramatiq app the integration tests run in real worker processes (env-configured:
+TT_REDIS, TT_NS, TT_QUEUE, TT_RATE, TT_BURST, TT_BROKER=rabbitmq for RabbitMQ)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.results import Results
+from dramatiq.results.backends.redis import RedisBackend
+
+from taskthrottle import Limit, Limiter, RedisStore, current_lease, throttled
+from taskthrottle.dramatiq import ThrottleMiddleware
+
+REDIS = os.environ.get("TT_REDIS", "redis://127.0.0.1:6379/9")
+NS = os.environ.get("TT_NS", "tt-dramatiq")
+QUEUE = os.environ.get("TT_QUEUE", "tt-dramatiq")
+RATE = float(os.environ.get("TT_RATE", "20"))
+BURST = float(os.environ.get("TT_BURST", os.environ.get("TT_RATE", "20")))
+
+if os.environ.get("TT_BROKER") == "rabbitmq":
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    broker: dramatiq.Broker = RabbitmqBroker(url="amqp://guest:guest@127.0.0.1:5672/")
+else:
+    broker = RedisBroker(
+        url=REDIS,
+        namespace=f"{NS}-dramatiq",
+        heartbeat_timeout=int(os.environ.get("TT_HEARTBEAT", "60000")),
+        maintenance_chance=int(os.environ.get("TT_MAINTENANCE", "1000")),
+    )
+broker.add_middleware(Results(backend=RedisBackend(url=REDIS, namespace=f"{NS}-results")))
+LEASE_TTL = float(os.environ.get("TT_LEASE_TTL", "300"))
+broker.add_middleware(
+    ThrottleMiddleware(
+        lambda: Limiter(RedisStore.from_url(REDIS, namespace=NS), lease_ttl=LEASE_TTL), horizon=120
+    )
+)
+dramatiq.set_broker(broker)
+_log = redis.Redis.from_url(REDIS)
+
+
+def record(kind: str, message_id: str, extra: str = "") -> None:
+    """Append an event to the test's journal."""
+    _log.rpush(f"{NS}:journal", f"{kind} {message_id} {time.time():.6f} {extra}")
+
+
+@dramatiq.actor(
+    queue_name=QUEUE,
+    store_results=True,
+    max_retries=1,
+    throttle={"rps": RATE, "key": "shared"},
+)
+def limited(n: int) -> int:
+    """One fleet-wide limit from the actor option; records its start and retries."""
+    message = dramatiq.middleware.CurrentMessage.get_current_message()
+    retries = message.options.get("retries", 0) if message else "?"
+    record("start", message.message_id if message else "?", f"retries={retries}")
+    return n * 2
+
+
+SLOW = Limit.per_second("slow", float(os.environ.get("TT_SLOW_RATE", "1")), burst=1)
+
+
+@dramatiq.actor(queue_name=QUEUE, throttle={"limits": [SLOW], "key": "far"})
+def far(n: int) -> None:
+    """Turns far apart: waiting copies are parked in Redis."""
+    message = dramatiq.middleware.CurrentMessage.get_current_message()
+    record("start", message.message_id if message else "?")
+
+
+@dramatiq.actor(queue_name=QUEUE, store_results=True, throttle={"concurrency": 1, "key": "guarded"})
+def guarded(n: int) -> int:
+    """One at a time; with TT_HANG_MARKER the first run hangs until the test kills it."""
+    message = dramatiq.middleware.CurrentMessage.get_current_message()
+    record("start", message.message_id if message else "?", f"pid={os.getpid()}")
+    marker = os.environ.get("TT_HANG_MARKER")
+    if marker and not os.path.exists(marker):
+        Path(marker).touch()
+        time.sleep(120)
+    return n
+
+
+@dramatiq.actor(queue_name=QUEUE, store_results=True)
+@throttled(tpm=60_000, key="tenant:{tenant}", consume={"tpm": lambda tenant, words: words})
+def llm(tenant: str, words: int) -> dict[str, float]:
+    """The decorator form, and an adjustment through current_lease()."""
+    lease = current_lease()
+    assert lease is not None
+    lease.adjust(tpm=words // 2)
+    return lease.consumed
+
+
+class _Deliveries(dramatiq.Middleware):
+    """Counts every delivery, deferred ones included."""
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        record("delivery", message.message_id)
+
+
+broker.add_middleware(_Deliveries(), before=ThrottleMiddleware)
+broker.add_middleware(dramatiq.middleware.CurrentMessage())

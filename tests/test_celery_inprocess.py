@@ -1,0 +1,126 @@
+"""The Celery integration without worker processes: eager mode, the memory transport,
+settings, helpers."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+import taskthrottle.celery
+from taskthrottle import InvalidInput, Limit, current_lease, throttled
+from taskthrottle.celery import Settings, delay_for, limiter_for
+from taskthrottle.testing import memory_limiter
+
+
+def make_app(**conf: Any) -> Celery:
+    app = Celery("inproc", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(**conf)
+    return app
+
+
+def test_eager_waits_for_the_turn_and_returns_the_result() -> None:
+    """task_always_eager: each call waits inline for its turn; callers get real results."""
+    app = make_app(task_always_eager=True)
+    taskthrottle.celery.install(app, memory_limiter())
+
+    @app.task(shared=False)
+    @throttled(Limit.per_second("rps", 20, burst=1), key="eager")
+    def double(n: int) -> int:
+        lease = current_lease()
+        assert lease is not None and lease.consumed == {"rps": 1.0}
+        return 2 * n
+
+    start = time.monotonic()
+    assert [double.delay(i).get() for i in range(4)] == [0, 2, 4, 6]
+    assert time.monotonic() - start >= 0.15 - 0.01  # three turns 50 ms apart
+    assert current_lease() is None
+
+
+def test_eager_bypass_runs_at_once() -> None:
+    """eager="bypass" skips the throttle in eager mode."""
+    app = make_app(task_always_eager=True)
+    limiter = memory_limiter()
+    taskthrottle.celery.install(app, limiter, eager="bypass")
+
+    @app.task(shared=False)
+    @throttled(Limit.per_hour("rph", 1), key="bypass")
+    def job() -> str:
+        return "ran"
+
+    assert [job.delay().get() for _ in range(3)] == ["ran"] * 3
+    assert limiter.available("bypass", [Limit.per_hour("rph", 1)]) == {"rph": 1.0}
+
+
+@pytest.fixture
+def memory_app() -> Iterator[Celery]:
+    """An app on the memory transport with an in-process (threads) worker."""
+    app = make_app(task_default_queue="inproc")
+    taskthrottle.celery.install(app, memory_limiter(), park_after=60)
+    yield app
+
+
+def test_memory_transport_defers_and_delivers(memory_app: Celery) -> None:
+    """With memory://, throttled tasks are deferred through the broker and all run."""
+    started: list[float] = []
+
+    @memory_app.task(shared=False)
+    @throttled(Limit.per_second("rps", 10, burst=1), key="mem")
+    def tick(n: int) -> int:
+        started.append(time.monotonic())
+        return n
+
+    with start_worker(memory_app, pool="threads", concurrency=2, perform_ping_check=False):
+        results = [tick.delay(i) for i in range(5)]
+        assert [r.get(timeout=20) for r in results] == list(range(5))
+    assert len(started) == 5
+    started.sort()
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert sum(gaps) >= 0.4 - 0.05  # four turns 100 ms apart
+
+
+def test_default_throttle_from_conf() -> None:
+    """taskthrottle_default in app.conf throttles every task that has none of its own."""
+    app = make_app(task_always_eager=True, taskthrottle_default={"rph": 2})
+    limiter = memory_limiter()
+    taskthrottle.celery.install(app, limiter)
+
+    @app.task(name="plain", shared=False)
+    def plain() -> str:
+        return "ok"
+
+    assert plain.delay().get() == "ok"
+    assert limiter.available("plain", [Limit.per_hour("rph", 2)]) == {"rph": 1.0}
+    assert delay_for(plain) == 0.0
+    plain.delay().get()
+    assert delay_for(plain) == pytest.approx(1800, abs=1)
+
+
+def test_settings_from_conf_and_bad_values() -> None:
+    """Settings come from app.conf; bad values are refused by name."""
+    assert Settings.from_conf({"taskthrottle_horizon": 30}).horizon == 30
+    with pytest.raises(InvalidInput, match="on_failure"):
+        Settings(on_failure="forget")
+    with pytest.raises(InvalidInput, match="horizon"):
+        Settings(horizon=-1)
+    with pytest.raises(InvalidInput, match="bogus"):
+        Settings.from_conf({}, bogus=1)
+
+
+def test_limiter_from_conf_redis_url(redis_url: str, namespace: str) -> None:
+    """Without a limiter, install builds one from taskthrottle_redis_url."""
+    app = make_app(taskthrottle_redis_url=redis_url, taskthrottle_namespace=namespace)
+    taskthrottle.celery.install(app)
+    store = limiter_for(app).store
+    assert type(store).__name__ == "RedisStore"
+
+
+def test_install_required() -> None:
+    """A helper on an app without install() says what is missing."""
+    with pytest.raises(InvalidInput, match="install"):
+        limiter_for(make_app())

@@ -1,0 +1,251 @@
+"""The Dramatiq middleware on the StubBroker: the pitfalls of skipping and re-enqueueing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AgeLimit
+from dramatiq.results import Results
+from dramatiq.results.backends.stub import StubBackend
+
+from taskthrottle import (
+    InvalidInput,
+    Limit,
+    Limiter,
+    MemoryStore,
+    StoreError,
+    current_lease,
+    throttled,
+)
+from taskthrottle.dramatiq import ThrottleMiddleware
+from taskthrottle.testing import ManualClock
+from tests.helpers import wait_for
+
+
+@pytest.fixture
+def broker() -> Iterator[StubBroker]:
+    broker = StubBroker()
+    broker.add_middleware(Results(backend=StubBackend()))
+    broker.emit_after("process_boot")
+    dramatiq.set_broker(broker)
+    yield broker
+    broker.flush_all()
+    broker.close()
+
+
+def start(broker: StubBroker) -> dramatiq.Worker:
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    return worker
+
+
+def test_results_wait_for_the_real_value(broker: StubBroker) -> None:
+    """A deferred delivery stores no result: the caller gets the value of the run, not None."""
+    ran: list[int] = []
+    middleware = ThrottleMiddleware(Limiter(MemoryStore()))
+    broker.add_middleware(middleware)
+
+    @dramatiq.actor(store_results=True, throttle={"rps": 10, "key": "r"})
+    def double(n: int) -> int:
+        ran.append(n)
+        return 2 * n
+
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        messages = [double.send(n) for n in range(13)]
+        values = [m.get_result(block=True, timeout=10_000) for m in messages]
+    finally:
+        worker.stop()
+    assert values == [2 * n for n in range(13)]
+    assert sorted(ran) == list(range(13))
+
+
+def test_age_limit_does_not_count_the_wait(broker: StubBroker) -> None:
+    """A message deferred longer than its max_age still runs: the copy gets a fresh timestamp."""
+    assert any(isinstance(m, AgeLimit) for m in broker.middleware)
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
+    ran: list[int] = []
+
+    @dramatiq.actor(max_age=300, throttle={"rps": 2, "key": "age"})
+    def job(n: int) -> None:
+        ran.append(n)
+
+    worker = start(broker)
+    try:
+        for n in range(4):  # the last turn lies a second and a half away
+            job.send(n)
+        wait_for(lambda: len(ran) >= 4, 10, "4 runs")
+    finally:
+        worker.stop()
+    assert sorted(ran) == [0, 1, 2, 3]
+
+
+class FailingStore(MemoryStore):
+    """A store that fails while ``down`` is set, like Redis while it restarts."""
+
+    down = True
+    failures = 0
+
+    def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            self.failures += 1
+            raise StoreError("redis is down (simulated)")
+        return super().acquire(*args, **kwargs)
+
+
+def test_a_store_failure_is_not_an_accidental_fail_open(broker: StubBroker) -> None:
+    """While the store fails, messages are deferred, not run; they run once it is back."""
+    store = FailingStore()
+    broker.add_middleware(ThrottleMiddleware(Limiter(store), store_retry=0.3))
+    ran: list[int] = []
+
+    @dramatiq.actor(throttle={"rps": 100, "key": "down"})
+    def job(n: int) -> None:
+        ran.append(n)
+
+    worker = start(broker)
+    try:
+        job.send(1)
+        wait_for(lambda: store.failures >= 1, 10, "the store to be asked", every=0.01)
+        assert ran == []  # the gate failed before the body: the message was deferred
+        store.down = False
+        wait_for(lambda: bool(ran), 10, "the message to run")
+    finally:
+        worker.stop()
+    assert ran == [1]
+
+
+def test_decorator_form_and_current_lease(broker: StubBroker) -> None:
+    """@throttled works on actors too, and the body adjusts its lease."""
+    limiter = Limiter(MemoryStore(clock=ManualClock()))
+    broker.add_middleware(ThrottleMiddleware(limiter))
+    seen: list[dict[str, float]] = []
+
+    @dramatiq.actor
+    @throttled(tpm=1000, key="tenant:{tenant}", consume={"tpm": 10})
+    def call(tenant: str) -> None:
+        lease = current_lease()
+        assert lease is not None
+        lease.adjust(tpm=5)
+        seen.append(lease.consumed)
+
+    worker = start(broker)
+    try:
+        call.send("acme")
+        broker.join(call.queue_name)
+        worker.join()
+    finally:
+        worker.stop()
+    assert seen == [{"tpm": 15.0}]
+    assert limiter.available("tenant:acme", [Limit.per_minute("tpm", 1000)]) == {"tpm": 985.0}
+
+
+def test_unknown_options_are_still_refused(broker: StubBroker) -> None:
+    """The middleware declares `throttle`; Dramatiq still refuses options nobody declared."""
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
+
+    @dramatiq.actor(throttle={"rps": 1})
+    def fine() -> None:
+        return None
+
+    with pytest.raises(ValueError, match="throttel"):
+
+        @dramatiq.actor(throttel={"rps": 1})
+        def typo() -> None:
+            return None
+
+
+def test_a_failed_deferral_goes_through_retries_not_lost(broker: StubBroker) -> None:
+    """Parking fails once (store down): the message is not acknowledged and lost; Dramatiq's
+    failure path retries it, and it runs once."""
+    middleware = ThrottleMiddleware(Limiter(MemoryStore()))
+    broker.add_middleware(middleware)
+    deferrals = middleware.state.deferrals()
+    real_park = deferrals.park
+    refused: list[str] = []
+
+    def park_once(task_id: str, due_in: float, payload: bytes) -> None:
+        if not refused:
+            refused.append(task_id)
+            raise StoreError("redis is down (simulated)")
+        real_park(task_id, due_in, payload)
+
+    deferrals.park = park_once  # type: ignore[method-assign]
+    ran: list[int] = []
+
+    @dramatiq.actor(min_backoff=10, max_backoff=50, throttle={"rps": 1, "key": "f"})
+    def job(n: int) -> None:
+        ran.append(n)
+
+    worker = start(broker)
+    try:
+        for n in range(2):
+            job.send(n)
+        wait_for(lambda: len(ran) >= 2, 10, "2 runs")
+    finally:
+        worker.stop()
+    assert refused, "a deferral was refused"
+    assert sorted(ran) == [0, 1]
+
+
+def test_a_bad_throttle_option_fails_at_declaration(broker: StubBroker) -> None:
+    """A throttle option that throttled() refuses is an error when the actor is declared."""
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
+    with pytest.raises(InvalidInput, match="burst"):
+
+        @dramatiq.actor(throttle={"rps": 1, "burst": 3})
+        def job() -> None:
+            return None
+
+
+def test_pipelines_survive_the_deferral(broker: StubBroker) -> None:
+    """A pipeline of throttled actors, deferred on the way, passes each result along."""
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
+
+    @dramatiq.actor(store_results=True, throttle={"rps": 10, "key": "pipe"})
+    def add_one(n: int) -> int:
+        return n + 1
+
+    worker = start(broker)
+    try:
+        later = [
+            add_one.message_with_options(args=()) for _ in range(14)
+        ]  # each gets the one before
+        flow = dramatiq.pipeline([add_one.message(0), *later])
+        flow.run()
+        assert flow.get_result(block=True, timeout=20_000) == 15
+    finally:
+        worker.stop()
+
+
+def test_failures_release_slots_and_refund(broker: StubBroker) -> None:
+    """A failing message frees its concurrency slot; with on_failure="refund" its tokens
+    come back, so only the successes stay spent."""
+    limiter = Limiter(MemoryStore())  # the real clock: parked messages must come due
+    broker.add_middleware(ThrottleMiddleware(limiter, on_failure="refund"))
+    ran: list[int] = []
+
+    @dramatiq.actor(max_retries=0, throttle={"concurrency": 1, "tpd": 1000, "key": "g"})
+    def job(n: int) -> None:
+        ran.append(n)
+        if n == 0:
+            raise ValueError("fails on purpose")
+
+    worker = start(broker)
+    try:
+        for n in range(3):
+            job.send(n)
+        wait_for(lambda: len(ran) >= 3, 15, "3 runs")
+        broker.join(job.queue_name, fail_fast=False)
+        worker.join()
+    finally:
+        worker.stop()
+    assert sorted(ran) == [0, 1, 2]
+    left = limiter.available("g", [Limit.concurrency("concurrency", 1), Limit.per_day("tpd", 1000)])
+    assert left["concurrency"] == 1.0
+    assert 998.0 <= left["tpd"] < 998.1  # two successes spent (a day's refill is slow)

@@ -1,0 +1,245 @@
+"""What only the Redis store must show, against the real redis-server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from taskthrottle import InvalidInput, Limit, Limiter, RedisStore, StoreError, Throttled
+from taskthrottle._redis import ACQUIRE
+
+rpm = Limit.per_minute("rpm", 60)
+tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def limiter(redis_url: str, namespace: str) -> Limiter:
+    """A limiter on Redis' own clock (no injected clock)."""
+    return Limiter(RedisStore.from_url(redis_url, namespace=namespace))
+
+
+def pttl(client: redis.Redis, key: str | bytes) -> int:
+    ttl: Any = client.pttl(key)
+    return int(ttl)
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    stats: Any = client.info("commandstats")
+    return int(stats["cmdstat_evalsha"]["calls"])
+
+
+def keys_of(client: redis.Redis, namespace: str) -> list[bytes]:
+    return sorted(client.scan_iter(match=f"{{{namespace}}}:*"))
+
+
+class TestServerClock:
+    def test_client_clock_is_never_read(
+        self, limiter: Limiter, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A worker whose clock is a day off gets the same answers: time is Redis TIME."""
+        for _ in range(60):
+            limiter.acquire("k", [rpm])
+        monkeypatch.setattr(time, "time", lambda: 86400.0 * 3)
+        with pytest.raises(Throttled) as info:
+            limiter.acquire("k", [rpm])
+        assert 0 < info.value.retry_after <= 1.0
+
+    def test_two_workers_share_one_bucket(self, redis_url: str, namespace: str) -> None:
+        """Two stores (two workers) on one namespace draw from the same bucket."""
+        first = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
+        second = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
+        for _ in range(30):
+            first.acquire("k", [rpm])
+            second.acquire("k", [rpm])
+        with pytest.raises(Throttled):
+            second.acquire("k", [rpm])
+        assert first.available("k", [rpm])["rpm"] < 1
+
+
+class TestScripts:
+    def test_reloaded_after_script_flush(self, limiter: Limiter, client: redis.Redis) -> None:
+        """SCRIPT FLUSH (or a restart, or a failover) costs one reload, not an error."""
+        limiter.acquire("k", [rpm])
+        client.script_flush()
+        assert client.script_exists(ACQUIRE.sha) == [False]
+        limiter.acquire("k", [rpm])
+        assert client.script_exists(ACQUIRE.sha) == [True]
+        assert limiter.available("k", [rpm])["rpm"] < 59
+
+    @pytest.mark.parametrize(
+        ("max_wait", "entry", "message"),
+        [
+            ("0", "1:0:60000:1:1:nan:rpm", "malformed entry"),
+            ("0", "1:0:60000:1:1:inf:rpm", "malformed entry"),
+            ("0", "1:0:60000:1:1:9007199254740993:rpm", "below 2\\^53"),
+            ("nan", "1:0:60000:1:1:1000:rpm", "not a finite number"),
+            ("1e400", "1:0:60000:1:1:1000:rpm", "not a finite number"),
+        ],
+    )
+    def test_lua_refuses_bad_numbers_and_writes_nothing(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        limiter: Limiter,
+        max_wait: str,
+        entry: str,
+        message: str,
+    ) -> None:
+        """Even a caller that bypasses the Python checks cannot slip NaN, infinities or
+        numbers Lua would round past the script."""
+        limiter.acquire("warm", [rpm])  # loads the script
+        tag = "{" + namespace + "}"
+        keys = [f"{tag}:ops:0", f"{tag}:ops:1", f"{tag}:b:k", f"{tag}:c:k"]
+        argv = ["", max_wait, "1000", "x", "60000", entry]
+        with pytest.raises(redis.ResponseError, match=message):
+            client.evalsha(ACQUIRE.sha, len(keys), *keys, *argv)
+        assert client.exists(*keys[2:]) == 0
+
+
+class TestKeys:
+    def test_every_key_expires(self, limiter: Limiter, client: redis.Redis, namespace: str) -> None:
+        """Buckets, slots and op memory all carry a TTL, so idle state disappears."""
+        lease = limiter.acquire(
+            {"tenant:1": [rpm, Limit.concurrency("c", 2)], "org:1": [Limit.quota("q", 9)]}
+        )
+        lease.adjust(rpm=2)
+        found = keys_of(client, namespace)
+        kinds = sorted(key.decode().split(":")[1] for key in found)
+        assert kinds == ["b", "b", "c", "ops"], found
+        assert all(pttl(client, key) > 0 for key in found), found
+        lease.release()
+        assert client.exists(f"{{{namespace}}}:c:tenant:1") == 0  # the last slot went with it
+
+    def test_debt_outlives_its_repayment(
+        self, limiter: Limiter, client: redis.Redis, namespace: str
+    ) -> None:
+        """A bucket in debt keeps a TTL long enough to repay: expiry never forgives debt."""
+        lease = limiter.acquire("k", [tpm], consume={"tpm": 120_000})
+        lease.adjust(tpm=900_000)  # 900,000 tokens of debt: 600 s to repay at 1,500/s
+        ttl = pttl(client, f"{{{namespace}}}:b:k")
+        # (120,000 + 900,000) / 1,500 per second = 680 s to full, less the ms since the charge
+        assert 679_000 <= ttl <= 680_000
+
+    def test_one_hash_slot_per_namespace(self, client: redis.Redis, namespace: str) -> None:
+        """All keys of a namespace share the hash tag, so multi-key scripts work on Cluster."""
+        limiter = Limiter(RedisStore(client, namespace=namespace))
+        limiter.acquire({"tenant:{7}": [rpm], "org:}{": [rpm, Limit.concurrency("c", 1)]})
+        slots = {key_slot(key) for key in keys_of(client, namespace)}
+        assert slots == {key_slot(f"{{{namespace}}}".encode())}
+
+    @pytest.mark.parametrize("namespace", ["", "a{b", "a}b", None])
+    def test_bad_namespace(self, namespace: object, redis_url: str) -> None:
+        """A namespace must make a hash tag: no braces, not empty."""
+        with pytest.raises(InvalidInput, match="namespace"):
+            RedisStore.from_url(redis_url, namespace=namespace)  # type: ignore[arg-type]
+
+
+class TestConnections:
+    @pytest.mark.parametrize(
+        "url",
+        ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6380/0", "unix:///tmp/redis.sock?db=1"],
+    )
+    def test_url_schemes(self, url: str) -> None:
+        """redis://, rediss:// and unix:// URLs make a store without connecting."""
+        assert RedisStore.from_url(url).client is not None
+
+    def test_bad_url(self) -> None:
+        """A URL of another scheme is refused by name."""
+        with pytest.raises(InvalidInput, match="http://x"):
+            RedisStore.from_url("http://x")
+
+    @pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+    def test_bad_timeouts(self, timeout: float) -> None:
+        """Timeouts must be finite and above zero."""
+        with pytest.raises(InvalidInput, match="socket_timeout"):
+            RedisStore.from_url("redis://127.0.0.1", socket_timeout=timeout)
+
+    def test_unreachable_server_is_a_store_error(self) -> None:
+        """Nothing listening: StoreError, quickly, naming the script."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
+        with pytest.raises(StoreError, match=r"acquire\.lua"):
+            Limiter(store).acquire("k", [rpm])
+
+
+class ReplyDropper:
+    """A loopback proxy that swallows Redis' reply to the first EVALSHA it forwards,
+    so the client times out and retries a command the server already ran."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropped = threading.Event()
+        self.closed = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            drop = threading.Event()
+            threading.Thread(target=self.pipe, args=(conn, server, drop, True), daemon=True).start()
+            threading.Thread(
+                target=self.pipe, args=(server, conn, drop, False), daemon=True
+            ).start()
+
+    def pipe(self, src: socket.socket, dst: socket.socket, drop: threading.Event, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if up and b"EVALSHA" in data.upper() and not self.dropped.is_set():
+                    self.dropped.set()
+                    drop.set()
+                if not (drop.is_set() and not up):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+def test_a_retried_acquire_charges_once(
+    redis_url: str, namespace: str, client: redis.Redis
+) -> None:
+    """redis-py re-sends a timed-out EVALSHA; the server runs it twice and charges once."""
+    warm = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
+    warm.acquire("warm", [rpm])  # the script is loaded: the proxy sees EVALSHA first
+    host, port = client.connection_pool.connection_kwargs.get("host"), 6379
+    port = client.connection_pool.connection_kwargs.get("port", port)
+    proxy = ReplyDropper((str(host), int(port)))
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/{client.connection_pool.connection_kwargs['db']}"
+        store = RedisStore.from_url(url, namespace=namespace, socket_timeout=0.3, retries=2)
+        before = evalsha_calls(client)
+        Limiter(store).acquire("k", [rpm], consume={"rpm": 10})
+        runs = evalsha_calls(client) - before
+    finally:
+        proxy.close()
+    assert proxy.dropped.is_set()
+    assert runs == 2, "the server should have run the acquire twice"
+    # Charged 10 once (twice would leave 40); the real clock refills a little meanwhile.
+    assert 50.0 <= warm.available("k", [rpm])["rpm"] < 51.0

@@ -1,0 +1,343 @@
+"""The behaviour every store must show: run over MemoryStore, RedisStore and fakeredis."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskthrottle import Limit, Limiter, RequestTooLarge, Throttled, Violation
+from taskthrottle.testing import ManualClock
+
+rpm = Limit.per_minute("rpm", 60)
+tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
+
+
+def refused(limiter: Limiter, *args: object, **kwargs: object) -> Throttled:
+    with pytest.raises(Throttled) as info:
+        limiter.acquire(*args, **kwargs)  # type: ignore[arg-type]
+    return info.value
+
+
+class TestTokenBucket:
+    def test_the_issue_example(self, limiter: Limiter) -> None:
+        """Acquire, adjust and read back exactly the figures of the documented example."""
+        lease = limiter.acquire("tenant:42", [rpm, tpm], consume={"rpm": 1, "tpm": 500})
+        lease.adjust(tpm=+734)
+        lease.release()
+        assert limiter.available("tenant:42", [rpm, tpm]) == {"rpm": 59.0, "tpm": 118766.0}
+
+    def test_capacity_then_refused_with_exact_retry_after(
+        self, limiter: Limiter, clock: ManualClock
+    ) -> None:
+        """A full bucket grants its capacity, then refuses until one token has refilled."""
+        for _ in range(60):
+            limiter.acquire("k", [rpm])
+        exc = refused(limiter, "k", [rpm])
+        assert exc.retry_after == 1.0
+        assert exc.violations == (Violation("k", "rpm", 1.0),)
+        clock.advance(0.999)
+        assert refused(limiter, "k", [rpm]).retry_after == pytest.approx(0.001)
+        clock.advance(0.001)
+        limiter.acquire("k", [rpm])
+
+    def test_refill_is_exact_over_many_small_steps(
+        self, limiter: Limiter, clock: ManualClock
+    ) -> None:
+        """Refill computed from the anchor loses nothing to rounding, step after step."""
+        slow = Limit.per_day("slow", 3)  # one token every 8 hours: 0.0000347 mt/ms
+        for _ in range(3):
+            limiter.acquire("k", [slow])
+        for _ in range(8 * 60):
+            clock.advance(60)
+            assert limiter.available("k", [slow])["slow"] <= 1.0
+        assert limiter.available("k", [slow]) == {"slow": 1.0}
+        limiter.acquire("k", [slow])
+
+    def test_fractional_amounts_are_exact(self, limiter: Limiter) -> None:
+        """Ten charges of 0.1 empty a bucket of one, with nothing left over."""
+        one = Limit.per_hour("one", 1)
+        for _ in range(10):
+            limiter.acquire("k", [one], consume={"one": 0.1})
+        assert limiter.available("k", [one]) == {"one": 0.0}
+        refused(limiter, "k", [one], consume={"one": 0.001})
+
+    def test_burst_sets_capacity(self, limiter: Limiter) -> None:
+        """A burst above the rate lets that many through at once."""
+        bursty = Limit.per_second("b", 2, burst=5)
+        for _ in range(5):
+            limiter.acquire("k", [bursty])
+        assert refused(limiter, "k", [bursty]).retry_after == 0.5
+
+    def test_sub_second_window(self, limiter: Limiter, clock: ManualClock) -> None:
+        """ "10/500ms" refills one token every 50 ms."""
+        fast = Limit.parse("fast", "10/500ms")
+        for _ in range(10):
+            limiter.acquire("k", [fast])
+        assert refused(limiter, "k", [fast]).retry_after == 0.05
+        clock.advance(0.05)
+        limiter.acquire("k", [fast])
+
+    def test_full_bucket_stays_full(self, limiter: Limiter, clock: ManualClock) -> None:
+        """Idle time never fills a bucket past its capacity."""
+        limiter.acquire("k", [rpm])
+        clock.advance(3600)
+        assert limiter.available("k", [rpm]) == {"rpm": 60.0}
+
+    def test_clock_stepping_back_mints_nothing(self, limiter: Limiter, clock: ManualClock) -> None:
+        """After a failover to a server whose clock is behind, no tokens appear."""
+        for _ in range(60):
+            limiter.acquire("k", [rpm])
+        clock.advance(-30)
+        assert limiter.available("k", [rpm]) == {"rpm": 0.0}
+        refused(limiter, "k", [rpm])
+
+
+class TestAllOrNothing:
+    def test_one_refusal_charges_nothing(self, limiter: Limiter) -> None:
+        """When tpm refuses, rpm is not charged either."""
+        limiter.acquire("k", [tpm], consume={"tpm": 100_000})
+        exc = refused(limiter, "k", [rpm, tpm], consume={"rpm": 1, "tpm": 20_001})
+        assert [v.limit for v in exc.violations] == ["tpm"]
+        assert limiter.available("k", [rpm, tpm]) == {"rpm": 60.0, "tpm": 20_000.0}
+
+    def test_retry_after_is_the_largest_wait(self, limiter: Limiter) -> None:
+        """Every violated limit is named, and retry_after waits for the slowest."""
+        limiter.acquire("k", [rpm, tpm], consume={"rpm": 60, "tpm": 120_000})
+        exc = refused(limiter, "k", [rpm, tpm], consume={"rpm": 1, "tpm": 3000})
+        assert {v.limit: v.retry_after for v in exc.violations} == {"rpm": 1.0, "tpm": 2.0}
+        assert exc.retry_after == 2.0
+
+    def test_multi_key_lease_charges_every_key_carrying_a_name(self, limiter: Limiter) -> None:
+        """A name in consume charges each key of the lease that has a limit of that name."""
+        org_tpm = Limit.per_minute("tpm", 1_000_000)
+        pool = Limit.concurrency("pool", 10)
+        lease = limiter.acquire(
+            {"tenant:42": [rpm, tpm], "org:7": [org_tpm], "global": [pool]},
+            consume={"rpm": 1, "tpm": 500},
+        )
+        assert limiter.available("tenant:42", [rpm, tpm]) == {"rpm": 59.0, "tpm": 119_500.0}
+        assert limiter.available("org:7", [org_tpm]) == {"tpm": 999_500.0}
+        assert limiter.available("global", [pool]) == {"pool": 9.0}
+        lease.adjust(tpm=100)
+        assert limiter.available("org:7", [org_tpm]) == {"tpm": 999_400.0}
+        assert limiter.available("tenant:42", [tpm]) == {"tpm": 119_400.0}
+        lease.release()
+        assert limiter.available("global", [pool]) == {"pool": 10.0}
+
+    def test_violation_names_the_refusing_key(self, limiter: Limiter) -> None:
+        """The same limit name under two keys: the violation says which key refused."""
+        small = Limit.per_minute("tpm", 1000)
+        limiter.acquire("org:7", [small], consume={"tpm": 1000})
+        exc = refused(limiter, {"tenant:1": [tpm], "org:7": [small]}, consume={"tpm": 10})
+        assert exc.violations == (Violation("org:7", "tpm", 0.6),)
+        assert limiter.available("tenant:1", [tpm]) == {"tpm": 120_000.0}
+
+    def test_a_request_that_can_never_pass_is_an_error(self, limiter: Limiter) -> None:
+        """Asking more than a capacity raises at once instead of reporting a throttle."""
+        with pytest.raises(RequestTooLarge, match="120001"):
+            limiter.acquire("k", [tpm], consume={"tpm": 120_001})
+        with pytest.raises(RequestTooLarge, match="'c'"):
+            limiter.acquire("k", [Limit.concurrency("c", 2)], consume={"c": 3})
+
+
+class TestAdjust:
+    def test_debt_delays_the_next_request_exactly(
+        self, limiter: Limiter, clock: ManualClock
+    ) -> None:
+        """Charging past the capacity puts the bucket in debt, and retry_after repays it."""
+        lease = limiter.acquire("k", [tpm], consume={"tpm": 100_000})
+        lease.adjust(tpm=+50_000)  # 30,000 tokens of debt
+        assert limiter.available("k", [tpm]) == {"tpm": -30_000.0}
+        exc = refused(limiter, "k", [tpm], consume={"tpm": 1500})
+        assert exc.retry_after == 21.0  # (30,000 + 1,500) / 1,500 per second
+        clock.advance(21)
+        limiter.acquire("k", [tpm], consume={"tpm": 1500})
+
+    def test_refund_never_overfills(self, limiter: Limiter, clock: ManualClock) -> None:
+        """A refund after the bucket refilled stops at full."""
+        lease = limiter.acquire("k", [tpm], consume={"tpm": 5000})
+        clock.advance(2)
+        lease.adjust(tpm=-5000)
+        assert limiter.available("k", [tpm]) == {"tpm": 120_000.0}
+
+    def test_refund_returns_tokens(self, limiter: Limiter) -> None:
+        """A negative adjustment gives tokens back at once."""
+        lease = limiter.acquire("k", [tpm], consume={"tpm": 5000})
+        lease.adjust(tpm=-3000)
+        assert limiter.available("k", [tpm]) == {"tpm": 118_000.0}
+        assert lease.consumed == {"tpm": 2000.0}
+
+
+class TestConcurrency:
+    def test_slots_are_freed_by_release(self, limiter: Limiter) -> None:
+        """At most n leases are in flight; a release makes room; releasing twice is harmless."""
+        conc = Limit.concurrency("conc", 2)
+        first = limiter.acquire("k", [conc])
+        limiter.acquire("k", [conc])
+        exc = refused(limiter, "k", [conc])
+        assert exc.violations[0].limit == "conc"
+        first.release()
+        first.release()
+        assert limiter.available("k", [conc]) == {"conc": 1.0}
+        limiter.acquire("k", [conc])
+        refused(limiter, "k", [conc])
+
+    def test_dead_holders_slots_come_back_after_the_ttl(
+        self, limiter: Limiter, clock: ManualClock
+    ) -> None:
+        """A lease never released is reclaimed after its TTL; retry_after says when."""
+        conc = Limit.concurrency("conc", 1)
+        limiter.acquire("k", [conc], ttl=30)
+        assert refused(limiter, "k", [conc]).retry_after == 30.0
+        clock.advance(30)
+        limiter.acquire("k", [conc])
+
+    def test_weighted_slots(self, limiter: Limiter) -> None:
+        """consume names how many slots a lease takes."""
+        conc = Limit.concurrency("conc", 4)
+        limiter.acquire("k", [conc], consume={"conc": 3})
+        refused(limiter, "k", [conc], consume={"conc": 2})
+        limiter.acquire("k", [conc])
+
+    def test_context_manager_releases(self, limiter: Limiter) -> None:
+        """Leaving the with block releases the slot, even on error."""
+        conc = Limit.concurrency("conc", 1)
+        with pytest.raises(RuntimeError), limiter.acquire("k", [conc]) as lease:
+            assert not lease.released
+            raise RuntimeError
+        assert lease.released
+        limiter.acquire("k", [conc])
+
+
+class TestQuota:
+    def test_resets_at_midnight_utc(self, limiter: Limiter, clock: ManualClock) -> None:
+        """A daily quota refuses until the next UTC midnight, then is whole again."""
+        clock.set(86400 * 20000 + 86400 - 10)  # 10 s before a midnight
+        daily = Limit.quota("daily", 1_000_000)
+        limiter.acquire("k", [daily], consume={"daily": 1_000_000})
+        exc = refused(limiter, "k", [daily], consume={"daily": 1})
+        assert exc.retry_after == 10.0
+        clock.advance(10)
+        assert limiter.available("k", [daily]) == {"daily": 1_000_000.0}
+
+    def test_hourly_quota_and_refund(self, limiter: Limiter, clock: ManualClock) -> None:
+        """An hourly quota counts within the hour; a refund returns tokens."""
+        clock.set(3600 * 500000)
+        hourly = Limit.quota("hourly", 10, per="hour")
+        lease = limiter.acquire("k", [hourly], consume={"hourly": 10})
+        assert refused(limiter, "k", [hourly]).retry_after == 3600.0
+        lease.adjust(hourly=-4)
+        assert limiter.available("k", [hourly]) == {"hourly": 4.0}
+
+
+class TestReservations:
+    def test_turns_are_handed_out_in_order(self, limiter: Limiter) -> None:
+        """Each reservation queues behind the ones before it, first come first served."""
+        per_second = Limit.per_second("rps", 1)
+        delays = [limiter.reserve("k", [per_second]).delay for _ in range(4)]
+        assert delays == [0.0, 1.0, 2.0, 3.0]
+        exc = refused(limiter, "k", [per_second])
+        assert exc.retry_after == 4.0
+
+    def test_beyond_max_wait_is_refused_and_charges_nothing(self, limiter: Limiter) -> None:
+        """A turn further than max_wait raises Throttled and leaves the bucket alone."""
+        per_second = Limit.per_second("rps", 1)
+        limiter.reserve("k", [per_second])
+        limiter.reserve("k", [per_second], max_wait=5)
+        with pytest.raises(Throttled) as info:
+            limiter.reserve("k", [per_second], max_wait=0.5)
+        assert info.value.retry_after == 2.0
+        assert limiter.reserve("k", [per_second], max_wait=5).delay == 2.0
+
+    def test_cancel_gives_tokens_back(self, limiter: Limiter) -> None:
+        """A cancelled reservation frees its turn for the next caller."""
+        per_second = Limit.per_second("rps", 1)
+        limiter.reserve("k", [per_second])
+        second = limiter.reserve("k", [per_second])
+        second.cancel()
+        second.cancel()
+        assert limiter.reserve("k", [per_second]).delay == 1.0
+
+    def test_redeem_charges_nothing_more(self, limiter: Limiter, clock: ManualClock) -> None:
+        """Redeeming at the turn yields the lease without a second charge."""
+        per_second = Limit.per_second("rps", 1)
+        limiter.reserve("k", [per_second])
+        booked = limiter.reserve("k", [per_second], consume={"rps": 1})
+        clock.advance(booked.delay)
+        lease = booked.redeem()
+        assert lease.consumed == {"rps": 1.0}
+        assert limiter.available("k", [per_second]) == {"rps": 0.0}
+
+    def test_slots_must_be_free_now(self, limiter: Limiter) -> None:
+        """Concurrency slots cannot be booked ahead; a free one is held from now."""
+        conc = Limit.concurrency("conc", 1)
+        booked = limiter.reserve("k", [conc, Limit.per_second("rps", 1)])
+        with pytest.raises(Throttled) as info:
+            limiter.reserve("k", [conc], max_wait=600)
+        assert info.value.violations[0].limit == "conc"
+        booked.cancel()
+        limiter.reserve("k", [conc])
+
+
+class TestKeys:
+    @pytest.mark.parametrize(
+        "key",
+        ["a:b", "{braces}", "}{", "with space", "ünïcödé ✓", "x" * 1024, "b:a", "c:a", "op:1"],
+    )
+    def test_any_text_is_a_key_of_its_own(self, limiter: Limiter, key: str) -> None:
+        """Keys with separators, braces and unicode neither collide nor break."""
+        one = Limit.per_hour("one", 1)
+        limiter.acquire(key, [one])
+        refused(limiter, key, [one])
+        for other in ("a", "b", "a:b:one", key + " ", "{braces"):
+            if other != key:
+                assert limiter.available(other, [one]) == {"one": 1.0}
+
+    def test_reset_makes_a_key_full(self, limiter: Limiter) -> None:
+        """reset forgets buckets and slots of one key and no other."""
+        conc = Limit.concurrency("conc", 1)
+        limiter.acquire("k", [rpm, conc], consume={"rpm": 60})
+        limiter.acquire("other", [rpm], consume={"rpm": 60})
+        limiter.reset("k")
+        assert limiter.available("k", [rpm, conc]) == {"rpm": 60.0, "conc": 1.0}
+        assert limiter.available("other", [rpm]) == {"rpm": 0.0}
+
+
+class TestIdempotence:
+    def test_repeating_a_lease_id_charges_once(self, limiter: Limiter) -> None:
+        """A retried acquire (the same lease id) returns the grant without charging again."""
+        limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-1:0")
+        limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-1:0")
+        assert limiter.available("k", [rpm]) == {"rpm": 50.0}
+
+    def test_repeating_a_settle_applies_once(self, store: object, limiter: Limiter) -> None:
+        """The same settle id twice adjusts once."""
+        lease = limiter.acquire("k", [rpm], consume={"rpm": 10})
+        op_id, deltas = lease._deltas({"rpm": 5})
+        limiter.store.settle(op_id, lease.id, deltas, [])
+        limiter.store.settle(op_id, lease.id, deltas, [])
+        assert limiter.available("k", [rpm]) == {"rpm": 45.0}
+
+    def test_ids_are_remembered_for_a_minute_then_forgotten(
+        self, limiter: Limiter, clock: ManualClock
+    ) -> None:
+        """A repeat across a minute boundary still charges once; two minutes later the
+        id is forgotten and charges again."""
+        clock.set(60 * 28_333_333 + 59.5)  # half a second before a minute boundary
+        limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-9:0")
+        clock.advance(1)
+        limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-9:0")
+        assert limiter.available("k", [rpm]) == {"rpm": 51.0}
+        clock.advance(130)
+        limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-9:0")
+        assert limiter.available("k", [rpm]) == {"rpm": 50.0}
+
+
+class TestWaitTime:
+    def test_wait_time_reads_without_charging(self, limiter: Limiter, clock: ManualClock) -> None:
+        """wait_time says when a request would pass, and changes nothing."""
+        assert limiter.wait_time("k", [rpm, tpm], consume={"tpm": 500}) == 0.0
+        limiter.acquire("k", [rpm], consume={"rpm": 60})
+        assert limiter.wait_time("k", [rpm, tpm], consume={"tpm": 500}) == 1.0
+        clock.advance(0.25)
+        assert limiter.wait_time("k", [rpm]) == 0.75
+        assert limiter.available("k", [rpm]) == {"rpm": 0.25}  # refilled, nothing charged

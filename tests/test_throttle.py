@@ -1,0 +1,118 @@
+"""throttled(): what it records, and the request a call makes."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskthrottle import InvalidInput, InvalidType, Limit, Limiter, MemoryStore, throttled
+from taskthrottle._throttle import current_lease, lease_scope, plan, throttles_of
+from taskthrottle.testing import ManualClock, memory_limiter
+
+
+@throttled(
+    rpm=500,
+    tpm=90_000,
+    key="tenant:{tenant_id}",
+    consume={"tpm": lambda tenant_id, prompt: len(prompt) // 4},
+)
+@throttled(tpm=2_000_000, key="openai")
+def summarize(tenant_id: int, prompt: str, model: str = "small") -> str:
+    return prompt
+
+
+def test_stacked_throttles_form_one_request() -> None:
+    """Two stacked throttles: one mapping of keys to limits, one consume by name."""
+    ask = plan(throttles_of(summarize), summarize, (42,), {"prompt": "x" * 400}, "summarize")
+    assert {key: [lim.name for lim in lims] for key, lims in ask.target.items()} == {
+        "openai": ["tpm"],
+        "tenant:42": ["rpm", "tpm"],
+    }
+    assert ask.consume == {"tpm": 100}
+    limiter = memory_limiter(ManualClock())  # a real clock refills between the two calls
+    limiter.acquire(ask.target, consume=ask.consume)
+    assert limiter.available("openai", ask.target["openai"]) == {"tpm": 1_999_900.0}
+    assert limiter.available("tenant:42", ask.target["tenant:42"]) == {
+        "rpm": 499.0,
+        "tpm": 89_900.0,
+    }
+
+
+def test_keyword_limits_and_defaults() -> None:
+    """Keyword limits get their names; a throttle without key uses the task's name."""
+
+    @throttled(Limit.concurrency("slots", 3), rps=5, rpd=1000)
+    def job(x: int) -> int:
+        return x
+
+    (spec,) = throttles_of(job)
+    assert [(lim.name, lim.kind, lim.capacity) for lim in spec.limits] == [
+        ("slots", "concurrency", 3),
+        ("rps", "bucket", 5),
+        ("rpd", "bucket", 1000),
+    ]
+    ask = plan(throttles_of(job), job, (1,), {}, "app.job")
+    assert list(ask.target) == ["app.job"]
+
+
+def test_callable_keys_and_defaults_of_arguments() -> None:
+    """A key may be a callable of the arguments; format keys see defaults too."""
+
+    @throttled(rps=1, key=lambda user, region="eu": f"{region}:{user}")
+    @throttled(rps=2, key="model:{model}")
+    def call(user: str, model: str = "small", region: str = "eu") -> None:
+        return None
+
+    ask = plan(throttles_of(call), call, ("ann",), {}, "call")
+    assert sorted(ask.target) == ["eu:ann", "model:small"]
+
+
+def test_a_key_naming_a_missing_argument() -> None:
+    """The error names the key and the missing argument."""
+
+    @throttled(rps=1, key="tenant:{tenant}")
+    def call(user: str) -> None:
+        return None
+
+    with pytest.raises(InvalidInput, match="tenant"):
+        plan(throttles_of(call), call, ("ann",), {}, "call")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, InvalidInput, "at least one limit"),
+        ({"rps": 1, "consume": {"tpm": 1}}, InvalidInput, "tpm"),
+        ({"rps": 1, "consume": {"rps": "x"}}, InvalidType, "'x'"),
+        ({"rps": 0}, InvalidInput, "0"),
+        ({"rps": 1, "key": 42}, InvalidType, "42"),
+    ],
+)
+def test_bad_throttles(kwargs: dict[str, object], error: type, match: str) -> None:
+    """Bad arguments fail at decoration time, naming the value."""
+    with pytest.raises(error, match=match):
+        throttled(**kwargs)  # type: ignore[arg-type]
+
+
+def test_limits_must_be_limits() -> None:
+    """Positional arguments are Limit objects."""
+    with pytest.raises(InvalidType, match="'60/min'"):
+        throttled("60/min")  # type: ignore[arg-type]
+
+
+def test_stacked_consume_conflict() -> None:
+    """Two stacked throttles may not both say how much tpm a call takes."""
+    with pytest.raises(InvalidInput, match="'tpm'"):
+
+        @throttled(tpm=10, consume={"tpm": 2})
+        @throttled(tpm=10, key="x", consume={"tpm": 3})
+        def call() -> None:
+            return None
+
+
+def test_current_lease_is_scoped() -> None:
+    """current_lease() is the lease of the running body, and None outside it."""
+    lease = Limiter(MemoryStore()).acquire("k", [Limit.per_second("rps", 1)])
+    assert current_lease() is None
+    with lease_scope(lease):
+        assert current_lease() is lease
+    assert current_lease() is None

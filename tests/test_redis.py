@@ -17,6 +17,7 @@ from taskthrottle._redis import ACQUIRE
 
 rpm = Limit.per_minute("rpm", 60)
 tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
+slow = Limit.per_hour("rph", 60)  # refills once a minute: real-clock tests see no refill
 
 
 @pytest.fixture
@@ -63,22 +64,22 @@ class TestServerClock:
         first = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
         second = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
         for _ in range(30):
-            first.acquire("k", [rpm])
-            second.acquire("k", [rpm])
+            first.acquire("k", [slow])
+            second.acquire("k", [slow])
         with pytest.raises(Throttled):
-            second.acquire("k", [rpm])
-        assert first.available("k", [rpm])["rpm"] < 1
+            second.acquire("k", [slow])
+        assert first.available("k", [slow])["rph"] < 1
 
 
 class TestScripts:
     def test_reloaded_after_script_flush(self, limiter: Limiter, client: redis.Redis) -> None:
         """SCRIPT FLUSH (or a restart, or a failover) costs one reload, not an error."""
-        limiter.acquire("k", [rpm])
+        limiter.acquire("k", [slow])
         client.script_flush()
         assert client.script_exists(ACQUIRE.sha) == [False]
-        limiter.acquire("k", [rpm])
+        limiter.acquire("k", [slow])
         assert client.script_exists(ACQUIRE.sha) == [True]
-        assert limiter.available("k", [rpm])["rpm"] < 59
+        assert limiter.available("k", [slow])["rph"] < 59
 
     @pytest.mark.parametrize(
         ("max_wait", "entry", "message"),
@@ -235,11 +236,10 @@ def test_a_retried_acquire_charges_once(
         url = f"redis://127.0.0.1:{proxy.port}/{client.connection_pool.connection_kwargs['db']}"
         store = RedisStore.from_url(url, namespace=namespace, socket_timeout=0.3, retries=2)
         before = evalsha_calls(client)
-        Limiter(store).acquire("k", [rpm], consume={"rpm": 10})
+        Limiter(store).acquire("k", [slow], consume={"rph": 10})
         runs = evalsha_calls(client) - before
     finally:
         proxy.close()
     assert proxy.dropped.is_set()
     assert runs == 2, "the server should have run the acquire twice"
-    # Charged 10 once (twice would leave 40); the real clock refills a little meanwhile.
-    assert 50.0 <= warm.available("k", [rpm])["rpm"] < 51.0
+    assert 50.0 <= warm.available("k", [slow])["rph"] < 50.5  # twice would leave 40

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from taskthrottle import _algorithms as alg
+from taskthrottle._plan import Shape
 from taskthrottle._store import BUCKET, QUOTA, Entry, Outcome
 
 #: How long (ms) a granted lease id or a settle id is remembered, making a repeat a no-op.
@@ -24,6 +25,15 @@ MAX_REMEMBERED = 100_000
 
 Field = tuple[int, str]  # (kind, limit name)
 _new = tuple.__new__
+
+
+def _buckets_of(entries: Sequence[Entry]) -> str | None:
+    """The key, when every entry is a token bucket under that one key."""
+    key = entries[0].key
+    for e in entries:
+        if e.kind != BUCKET or e.key != key:
+            return None
+    return key
 
 
 class _KeyState:
@@ -113,6 +123,9 @@ class MemoryStore:
     ) -> Outcome:
         """See `taskthrottle.Store.acquire`."""
         now = round(self._clock() * 1000)
+        key = entries.buckets_of if type(entries) is Shape else _buckets_of(entries)
+        if key is not None:
+            return self._acquire_buckets(key, lease_id, entries, max_wait_ms, now)
         with self._locked(entries):
             turn = self._seen(lease_id, now)
             if turn is not None:
@@ -136,6 +149,67 @@ class MemoryStore:
             if len(self._done) > MAX_REMEMBERED:
                 self._forget_older_half()
         return _new(Outcome, (True, delay, now, ()))  # Outcome(...) without its slow defaults
+
+    def _acquire_buckets(
+        self, key: str, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, now: int
+    ) -> Outcome:
+        """`acquire` for token buckets under one key, the common request: the arithmetic of
+        `_algorithms` inlined, since here a function call costs as much as the sums."""
+        stripe = self._stripes[hash(key) % len(self._stripes)]
+        with stripe.lock:
+            turn = self._done.get(lease_id)
+            if turn is not None and now < turn + OP_MEMORY_MS:
+                return _new(Outcome, (True, max(0, turn - now), now, ()))
+            state = stripe.keys.get(key)
+            live = state is not None and state.expires > now
+            fields = state.fields if live else {}  # type: ignore[union-attr]
+            charges = []  # (field, debit, anchor, time to full) per entry
+            delay = 0
+            for _, name, _, cap, refill, period, amount in entries:
+                field = (BUCKET, name)
+                level = fields.get(field)
+                if level is None:  # a full bucket
+                    charges.append((field, amount, now, refill, period))
+                    continue
+                debit, anchor = level  # bucket_level, bucket_wait and bucket_add inlined
+                if now > anchor:
+                    whole = (now - anchor) // period
+                    debit -= whole * refill
+                    anchor += whole * period
+                    used = debit - (now - anchor) * refill // period
+                else:
+                    used = debit
+                if used <= 0:
+                    debit, anchor = 0, now
+                elif used + amount > cap:
+                    wait = alg.refill_time(debit - cap + amount, refill, period)
+                    delay = max(delay, wait - max(0, now - anchor))
+                charges.append((field, debit + amount, anchor, refill, period))
+            if delay > max_wait_ms:
+                return self._refused(entries, now, max_wait_ms)
+            if not live:
+                state = stripe.add(key, now)
+                fields = state.fields
+            until = state.expires  # type: ignore[union-attr]
+            for field, debit, anchor, refill, period in charges:
+                fields[field] = debit, anchor
+                # An upper bound of the time to full is enough to decide when to drop the key.
+                until = max(until, anchor + debit * period // refill + 1)
+            state.expires = until  # type: ignore[union-attr]
+            self._done[lease_id] = now + delay
+            if len(self._done) > MAX_REMEMBERED:
+                self._forget_older_half()
+        return _new(Outcome, (True, delay, now, ()))
+
+    def _refused(self, entries: Sequence[Entry], now: int, max_wait_ms: int) -> Outcome:
+        """The refusal of a request some of whose entries wait beyond ``max_wait_ms``."""
+        waits = [self._look(e, now)[0] for e in entries]
+        violations = tuple(
+            (i, wait)
+            for i, (wait, e) in enumerate(zip(waits, entries, strict=True))
+            if wait > (max_wait_ms if e.kind == BUCKET else 0)
+        )
+        return Outcome(False, max(waits), now, violations)
 
     def _look(self, e: Entry, now: int) -> tuple[int, Any, _KeyState | None]:
         """The wait for ``e``, the current state of its field, and its key's state."""

@@ -119,7 +119,13 @@ MAX_SHAPES = 4096
 
 class Shape(list[Entry]):
     """The entries of a cached request shape: the same list object on every call, which lets
-    a store cache its encoding. Never mutated."""
+    a store cache its encoding. Never mutated.
+
+    ``buckets_of`` names the key when every entry is a token bucket under that one key:
+    the common request, for which `MemoryStore` has a fast path.
+    """
+
+    buckets_of: str | None = None
 
 
 class Names(frozenset[str]):
@@ -140,11 +146,13 @@ def shape(target: object, limits: object) -> tuple[list[Entry], Names]:
         if hit is not None:
             return hit[0], hit[1]
     pairs = groups(target, limits)
-    base = [
+    base = Shape(
         Entry(key, lim.name, _KINDS[lim.kind], *lim.spec, 1000)
         for key, lims in pairs
         for lim in lims
-    ]
+    )
+    if len(pairs) == 1 and all(e.kind == BUCKET for e in base):
+        base.buckets_of = pairs[0][0]
     names = Names(e.name for e in base)
     names.fits = all(e.amount <= e.cap for e in base)
     found = base, names

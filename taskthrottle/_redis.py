@@ -5,10 +5,10 @@ Every operation is one EVALSHA of a script in ``lua/``; the time comes from Redi
 
 Key schema, for namespace ``ns`` and key ``k``::
 
-    {ns}:b:k      HASH  buckets and quotas of k   (expires when all are full)
-    {ns}:c:k      ZSET  concurrency slots of k    (expires with the last slot)
-    {ns}:ops:0|1  HASH  recent lease and settle ids, by alternate minutes, so that a
-                        retried call charges once
+    {ns}:b:k      HASH  buckets and quotas of k (expires a minute after all are full)
+    {ns}:c:k      ZSET  concurrency slots of k  (expires with the last slot)
+    {ns}:ops:0|1  HASH  recent lease and settle ids, by alternate windows, so that a call
+                        the client sent again charges once
 
 Every key carries the hash tag ``{ns}``, so a lease over several keys is one
 script call on Redis Cluster too. The price: a namespace lives in one slot, on
@@ -34,18 +34,20 @@ from redis.retry import Retry  # noqa: E402
 
 from taskthrottle._memory import OP_MEMORY_MS  # noqa: E402
 from taskthrottle._plan import MAX_SHAPES, Shape  # noqa: E402
-from taskthrottle._store import Entry, Outcome  # noqa: E402
+from taskthrottle._store import CONCURRENCY, Entry, Outcome  # noqa: E402
 
 
 class Script:
-    """A Lua script from ``lua/``, with the shared helpers prepended; loaded once per server."""
+    """A Lua script from ``lua/``, after the constants it shares with Python and the shared
+    helpers; loaded once per server."""
 
     _common = resources.files("taskthrottle").joinpath("lua/common.lua").read_text()
+    _constants = f"local OP_MEMORY_MS = {OP_MEMORY_MS}\n"
 
     def __init__(self, name: str) -> None:
         body = resources.files("taskthrottle").joinpath(f"lua/{name}").read_text()
         self.name = name
-        self.source = f"{self._common}\n{body}"
+        self.source = f"{self._constants}{self._common}\n{body}"
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
@@ -73,8 +75,8 @@ class _Codec:
         return "" if self.clock is None else str(round(self.clock() * 1000))
 
     def keys_of(self, entries: Sequence[Entry]) -> tuple[list[str], list[str]]:
-        """KEYS (the op hashes, then the hash and zset of each distinct key) and one ARGV
-        per entry, ``k:kind:cap:refill:period:amount:name``."""
+        """KEYS (the op hashes, then each hash or zset an entry uses) and one ARGV per
+        entry, ``i:kind:cap:refill:period:amount:name``, its key being KEYS[i]."""
         if type(entries) is not Shape:
             return self.encode(entries)
         # Requests of a cached shape pass the very same list: encode it once.
@@ -88,28 +90,30 @@ class _Codec:
         return keys, argv
 
     def encode(self, entries: Sequence[Entry]) -> tuple[list[str], list[str]]:
-        index: dict[str, int] = {}
         keys = self.ops.copy()
+        index: dict[str, int] = {}
         argv = []
         for e in entries:
-            k = index.get(e.key)
-            if k is None:
-                k = index[e.key] = len(index) + 1
-                keys += self.key_names(e.key)
-            argv.append(f"{k}:{e.kind}:{e.cap}:{e.refill}:{e.period}:{e.amount}:{e.name}")
+            hash_key, zset_key = self.key_names(e.key)
+            name = zset_key if e.kind == CONCURRENCY else hash_key
+            i = index.get(name)
+            if i is None:
+                keys.append(name)
+                i = index[name] = len(keys)  # Lua counts from 1
+            argv.append(f"{i}:{e.kind}:{e.cap}:{e.refill}:{e.period}:{e.amount}:{e.name}")
         return keys, argv
 
     def acquire(
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
     ) -> tuple[list[str], list[Any]]:
         keys, argv = self.keys_of(entries)
-        return keys, [self.now(), max_wait_ms, ttl_ms, lease_id, OP_MEMORY_MS, *argv]
+        return keys, [self.now(), max_wait_ms, ttl_ms, lease_id, *argv]
 
     def settle(
         self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
     ) -> tuple[list[str], list[Any]]:
         keys, argv = self.keys_of([*deltas, *release])
-        return keys, [self.now(), lease_id, op_id, OP_MEMORY_MS, len(deltas), *argv]
+        return keys, [self.now(), lease_id, op_id, len(deltas), *argv]
 
     def peek(self, entries: Sequence[Entry]) -> tuple[list[str], list[Any]]:
         keys, argv = self.keys_of(entries)

@@ -12,13 +12,7 @@ local entries = read_entries(2)
 local out = {}
 for i, e in ipairs(entries) do
   e.amount = 0
-  local _, state = look(e, now)
-  if e.kind == 0 then
-    out[i] = e.cap - ((state and state[3]) or 0)
-  elseif e.kind == 2 then
-    out[i] = e.cap - state
-  else
-    out[i] = e.cap - slots_used(state)
-  end
+  look(e, now)
+  out[i] = e.cap - e.used
 end
 return out

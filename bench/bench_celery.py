@@ -115,9 +115,10 @@ def overload(env: dict[str, str], rate: float, tasks: int) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     client = redis.Redis.from_url(env["BENCH_REDIS"])
-    workers = Workers({**env, "BENCH_RATE": str(rate)}, nodes=2)
+    env = {**env, "BENCH_RATE": str(rate), "BENCH_COUNT": "1"}
+    workers = Workers(env, nodes=2)
     try:
-        module = app_module({**env, "BENCH_RATE": str(rate)})
+        module = app_module(env)
         import importlib
 
         module = importlib.reload(module)

@@ -119,7 +119,7 @@ MAX_SHAPES = 4096
 
 class Shape(list[Entry]):
     """The entries of a cached request shape: the same list object on every call, which lets
-    a store cache its encoding. Never mutated.
+    a store cache its encoding; only `shape` makes them, for what it caches. Never mutated.
 
     ``buckets_of`` names the key when every entry is a token bucket under that one key:
     the common request, for which `MemoryStore` has a fast path.
@@ -146,21 +146,22 @@ def shape(target: object, limits: object) -> tuple[list[Entry], Names]:
         if hit is not None:
             return hit[0], hit[1]
     pairs = groups(target, limits)
-    base = Shape(
+    base = [
         Entry(key, lim.name, _KINDS[lim.kind], *lim.spec, 1000)
         for key, lims in pairs
         for lim in lims
-    )
-    if len(pairs) == 1 and all(e.kind == BUCKET for e in base):
-        base.buckets_of = pairs[0][0]
+    ]
     names = Names(e.name for e in base)
     names.fits = all(e.amount <= e.cap for e in base)
-    found = base, names
-    if cacheable:
-        if len(_shapes) >= MAX_SHAPES:
-            _shapes.clear()
-        _shapes[cache_key] = (base, names, tuple(limits))  # type: ignore[arg-type]
-    return found
+    if not cacheable:
+        return base, names  # a plain list: stores must not cache what lives once
+    cached = Shape(base)
+    if all(e.kind == BUCKET for e in base):
+        cached.buckets_of = target  # type: ignore[assignment]
+    if len(_shapes) >= MAX_SHAPES:
+        _shapes.clear()
+    _shapes[cache_key] = (cached, names, tuple(limits))  # type: ignore[arg-type]
+    return cached, names
 
 
 def entries(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,9 @@ def test_celery_benchmark_runs(redis_url: str, tmp_path: Path) -> None:
     )
     text = output.read_text()
     assert "Throttling costs" in text
-    assert "| taskthrottle 20/s | 20 | 80/s |" in text
+    row = re.search(r"\| taskthrottle 20/s \| 20 \| 80/s \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", text)
+    assert row is not None, text
+    assert float(row[1]) >= 1.0  # the overload run counts every delivery
 
 
 def test_dramatiq_benchmark_runs(redis_url: str, tmp_path: Path) -> None:

@@ -72,6 +72,19 @@ class TestServerClock:
 
 
 class TestScripts:
+    def test_only_cached_shapes_keep_their_encoding(self, limiter: Limiter) -> None:
+        """A request built afresh each call (a mapping, as the task integrations make) is
+        encoded each call: caching it would grow a worker's memory task after task."""
+        store = limiter.store
+        assert isinstance(store, RedisStore)
+        for n in range(20):
+            limiter.acquire({f"tenant:{n}": [rpm], "global": [tpm]})
+            limiter.acquire(f"tenant:{n}", [rpm], consume={"rpm": 2})
+        assert len(store._codec.encoded) == 0
+        limiter.acquire("k", [rpm, tpm])
+        limiter.acquire("k", [rpm, tpm])
+        assert len(store._codec.encoded) == 1  # one shape, encoded once
+
     def test_reloaded_after_script_flush(self, limiter: Limiter, client: redis.Redis) -> None:
         """SCRIPT FLUSH (or a restart, or a failover) costs one reload, not an error."""
         limiter.acquire("k", [slow])

@@ -112,6 +112,11 @@ class MemoryStore:
         seen = self._done.get(op_id)
         return seen if seen is not None and now < seen + OP_MEMORY_MS else None
 
+    def _remember(self, op_id: str, turn: int) -> None:
+        self._done[op_id] = turn  # one dict store: atomic under the GIL
+        if len(self._done) > MAX_REMEMBERED:
+            self._forget_older_half()
+
     def _forget_older_half(self) -> None:
         # A bounded memory beats remembering every id for the full minute.
         with self._done_lock:
@@ -145,9 +150,7 @@ class MemoryStore:
             expiry = now + delay + ttl_ms
             for entry, look in zip(entries, looks, strict=True):
                 self._charge(entry, look, now, lease_id, expiry)
-            self._done[lease_id] = now + delay  # one dict store: atomic under the GIL
-            if len(self._done) > MAX_REMEMBERED:
-                self._forget_older_half()
+            self._remember(lease_id, now + delay)
         return _new(Outcome, (True, delay, now, ()))  # Outcome(...) without its slow defaults
 
     def _acquire_buckets(
@@ -157,13 +160,13 @@ class MemoryStore:
         `_algorithms` inlined, since here a function call costs as much as the sums."""
         stripe = self._stripes[hash(key) % len(self._stripes)]
         with stripe.lock:
-            turn = self._done.get(lease_id)
-            if turn is not None and now < turn + OP_MEMORY_MS:
+            turn = self._seen(lease_id, now)
+            if turn is not None:
                 return _new(Outcome, (True, max(0, turn - now), now, ()))
             state = stripe.keys.get(key)
             live = state is not None and state.expires > now
             fields = state.fields if live else {}  # type: ignore[union-attr]
-            charges = []  # (field, debit, anchor, time to full) per entry
+            charges = []  # (field, new debit, anchor, refill, period) per entry
             delay = 0
             for _, name, _, cap, refill, period, amount in entries:
                 field = (BUCKET, name)
@@ -196,9 +199,7 @@ class MemoryStore:
                 # An upper bound of the time to full is enough to decide when to drop the key.
                 until = max(until, anchor + debit * period // refill + 1)
             state.expires = until  # type: ignore[union-attr]
-            self._done[lease_id] = now + delay
-            if len(self._done) > MAX_REMEMBERED:
-                self._forget_older_half()
+            self._remember(lease_id, now + delay)
         return _new(Outcome, (True, delay, now, ()))
 
     def _refused(self, entries: Sequence[Entry], now: int, max_wait_ms: int) -> Outcome:
@@ -277,9 +278,7 @@ class MemoryStore:
                 slots = None if key_state is None else key_state.fields.get((e.kind, e.name))
                 if slots is not None:
                     slots.pop(lease_id, None)
-            self._done[op_id] = now
-            if len(self._done) > MAX_REMEMBERED:
-                self._forget_older_half()
+            self._remember(op_id, now)
 
     def peek(self, entries: Sequence[Entry]) -> list[int]:
         """See `taskthrottle.Store.peek`."""

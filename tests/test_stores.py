@@ -331,6 +331,18 @@ class TestIdempotence:
         limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-9:0")
         assert limiter.available("k", [rpm]) == {"rpm": 50.0}
 
+    @pytest.mark.parametrize("phase", [0, 30, 59.5, 61, 100, 119.5])
+    def test_ids_are_remembered_for_at_least_a_minute(
+        self, limiter: Limiter, clock: ManualClock, phase: float
+    ) -> None:
+        """Wherever in the store's bookkeeping a call falls (RedisStore keeps ids in
+        two-minute windows), its repeat 59.9 s later still charges nothing."""
+        clock.set(120 * 14_166_666 + phase)  # `phase` seconds into a two-minute window
+        limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-7:0")
+        clock.advance(59.9)  # the bucket is full again by now: a second charge would show
+        limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-7:0")
+        assert limiter.available("k", [rpm]) == {"rpm": 60.0}
+
 
 class TestWaitTime:
     def test_wait_time_reads_without_charging(self, limiter: Limiter, clock: ManualClock) -> None:

@@ -19,11 +19,12 @@ Numbers are Lua doubles: every integer here stays below 2^53 (the client checks,
 does read_entries), so floor(a / b) is exact. Numbers are written with '%.0f', or handed
 to redis.call as numbers, because tostring keeps only 14 digits.
 
+Scripts read TIME before they write, which Redis allows since it replicates a script's
+effects rather than the script (the only way since Redis 7, the default since 5).
+
 These definitions run on every call, and converting between text and numbers costs more
 than arithmetic here, so the hot path converts each number once.
 ]]
-
-if redis.replicate_commands then redis.replicate_commands() end
 
 local OP_WINDOW = 2 * OP_MEMORY_MS
 -- A hash's expiry is pushed this far past what its state needs, so that a busy key is

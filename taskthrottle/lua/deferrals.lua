@@ -25,8 +25,6 @@ begin   returns 1 if this delivery may run: its token owns the key (or it ran un
         task was never deferred.
 ]]
 
-if redis.replicate_commands then redis.replicate_commands() end
-
 local function clock()
   if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
   local t = redis.call('TIME')

@@ -97,12 +97,7 @@ class Limiter:
         ``consume`` maps limit names to amounts (default 1); a name charges every
         key that carries it. Repeating a ``lease_id`` returns the same grant.
         """
-        if consume is None and ttl is None and lease_id is None:  # the common call, made lean
-            charged, ttl_ms, lease_id = entries(target, limits, None), self._ttl_ms, new_id()
-        else:
-            charged, ttl_ms, lease_id = _request(
-                target, limits, consume, ttl, self._ttl_ms, lease_id
-            )
+        charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
         outcome = self.store.acquire(lease_id, charged, 0, ttl_ms)
         if not outcome.granted:
             raise _throttled(outcome, charged)

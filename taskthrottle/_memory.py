@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from taskthrottle import _algorithms as alg
-from taskthrottle._plan import Shape
 from taskthrottle._store import BUCKET, QUOTA, Entry, Outcome
 
 #: How long (ms) a granted lease id or a settle id is remembered, making a repeat a no-op.
@@ -128,7 +127,7 @@ class MemoryStore:
     ) -> Outcome:
         """See `taskthrottle.Store.acquire`."""
         now = round(self._clock() * 1000)
-        key = entries.buckets_of if type(entries) is Shape else _buckets_of(entries)
+        key = _buckets_of(entries)
         if key is not None:
             return self._acquire_buckets(key, lease_id, entries, max_wait_ms, now)
         with self._locked(entries):

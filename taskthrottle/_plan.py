@@ -120,12 +120,7 @@ MAX_SHAPES = 4096
 class Shape(list[Entry]):
     """The entries of a cached request shape: the same list object on every call, which lets
     a store cache its encoding; only `shape` makes them, for what it caches. Never mutated.
-
-    ``buckets_of`` names the key when every entry is a token bucket under that one key:
-    the common request, for which `MemoryStore` has a fast path.
     """
-
-    buckets_of: str | None = None
 
 
 class Names(frozenset[str]):
@@ -156,8 +151,6 @@ def shape(target: object, limits: object) -> tuple[list[Entry], Names]:
     if not cacheable:
         return base, names  # a plain list: stores must not cache what lives once
     cached = Shape(base)
-    if all(e.kind == BUCKET for e in base):
-        cached.buckets_of = target  # type: ignore[assignment]
     if len(_shapes) >= MAX_SHAPES:
         _shapes.clear()
     _shapes[cache_key] = (cached, names, tuple(limits))  # type: ignore[arg-type]

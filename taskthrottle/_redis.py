@@ -5,10 +5,10 @@ Every operation is one EVALSHA of a script in ``lua/``; the time comes from Redi
 
 Key schema, for namespace ``ns`` and key ``k``::
 
-    {ns}:b:k      HASH  buckets and quotas of k (expires a minute after all are full)
-    {ns}:c:k      ZSET  concurrency slots of k  (expires with the last slot)
-    {ns}:ops:0|1  HASH  recent lease and settle ids, by alternate windows, so that a call
-                        the client sent again charges once
+    {ns}:b:k      HASH    buckets and quotas of k (expires a minute after all are full)
+    {ns}:c:k      ZSET    concurrency slots of k  (expires with the last slot)
+    {ns}:op:id    STRING  a lease or settle done lately, so that a call the client sent
+                          again charges once (expires after a minute)
 
 Every key carries the hash tag ``{ns}``, so a lease over several keys is one
 script call on Redis Cluster too. The price: a namespace lives in one slot, on
@@ -34,24 +34,28 @@ from redis.retry import Retry  # noqa: E402
 
 from taskthrottle._memory import OP_MEMORY_MS  # noqa: E402
 from taskthrottle._plan import MAX_SHAPES, Shape  # noqa: E402
-from taskthrottle._store import CONCURRENCY, Entry, Outcome  # noqa: E402
+from taskthrottle._store import BUCKET, CONCURRENCY, Entry, Outcome  # noqa: E402
 
 
 class Script:
-    """A Lua script from ``lua/``, after the constants it shares with Python and the shared
-    helpers; loaded once per server."""
+    """A Lua script from ``lua/``, after the constant it shares with Python and the parts
+    it builds on; loaded once per server."""
 
-    _common = resources.files("taskthrottle").joinpath("lua/common.lua").read_text()
     _constants = f"local OP_MEMORY_MS = {OP_MEMORY_MS}\n"
 
-    def __init__(self, name: str) -> None:
-        body = resources.files("taskthrottle").joinpath(f"lua/{name}").read_text()
+    def __init__(self, name: str, *parts: str) -> None:
+        lua = resources.files("taskthrottle").joinpath("lua")
         self.name = name
-        self.source = f"{self._constants}{self._common}\n{body}"
+        self.source = self._constants + "\n".join(
+            lua.joinpath(part).read_text() for part in (*parts, name)
+        )
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-ACQUIRE, SETTLE, PEEK = Script("acquire.lua"), Script("settle.lua"), Script("peek.lua")
+ACQUIRE = Script("acquire.lua", "prelude.lua", "entries.lua")
+BUCKETS = Script("buckets.lua", "prelude.lua")  # the common request: see the script
+SETTLE = Script("settle.lua", "prelude.lua", "entries.lua")
+PEEK = Script("peek.lua", "prelude.lua", "entries.lua")
 
 
 def check_namespace(namespace: object) -> str:
@@ -67,30 +71,31 @@ class _Codec:
 
     def __init__(self, namespace: str, clock: Callable[[], float] | None) -> None:
         self.tag = "{" + check_namespace(namespace) + "}"
+        self.op_prefix = f"{self.tag}:op:"
         self.clock = clock
-        self.ops = [f"{self.tag}:ops:0", f"{self.tag}:ops:1"]
-        self.encoded: dict[int, tuple[Sequence[Entry], list[str], list[str]]] = {}
+        self.encoded: dict[int, tuple[Sequence[Entry], Encoding]] = {}
 
     def now(self) -> str:
         return "" if self.clock is None else str(round(self.clock() * 1000))
 
-    def keys_of(self, entries: Sequence[Entry]) -> tuple[list[str], list[str]]:
-        """KEYS (the op hashes, then each hash or zset an entry uses) and one ARGV per
-        entry, ``i:kind:cap:refill:period:amount:name``, its key being KEYS[i]."""
+    def encoding(self, entries: Sequence[Entry]) -> Encoding:
         if type(entries) is not Shape:
             return self.encode(entries)
         # Requests of a cached shape pass the very same list: encode it once.
         hit = self.encoded.get(id(entries))
         if hit is not None and hit[0] is entries:
-            return hit[1], hit[2]
-        keys, argv = self.encode(entries)
+            return hit[1]
         if len(self.encoded) >= MAX_SHAPES:
             self.encoded.clear()
-        self.encoded[id(entries)] = (entries, keys, argv)
-        return keys, argv
+        found = self.encode(entries)
+        self.encoded[id(entries)] = (entries, found)
+        return found
 
-    def encode(self, entries: Sequence[Entry]) -> tuple[list[str], list[str]]:
-        keys = self.ops.copy()
+    def encode(self, entries: Sequence[Entry]) -> Encoding:
+        """The hashes and zsets the entries use, and one ARGV per entry,
+        ``i:kind:cap:refill:period:amount:name``, its state being in KEYS[i] (see
+        lua/prelude.lua); and the acquire script that suits them."""
+        keys: list[str] = []
         index: dict[str, int] = {}
         argv = []
         for e in entries:
@@ -99,29 +104,38 @@ class _Codec:
             i = index.get(name)
             if i is None:
                 keys.append(name)
-                i = index[name] = len(keys)  # Lua counts from 1
+                i = index[name] = len(keys) + 1  # Lua counts from 1, after the op's key
             argv.append(f"{i}:{e.kind}:{e.cap}:{e.refill}:{e.period}:{e.amount}:{e.name}")
-        return keys, argv
+        buckets = len(keys) == 1 and all(e.kind == BUCKET for e in entries)
+        return keys, argv, BUCKETS if buckets else ACQUIRE
 
     def acquire(
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
-    ) -> tuple[list[str], list[Any]]:
-        keys, argv = self.keys_of(entries)
-        return keys, [self.now(), max_wait_ms, ttl_ms, lease_id, *argv]
+    ) -> tuple[Script, list[str], list[Any]]:
+        keys, argv, script = self.encoding(entries)
+        return (
+            script,
+            [self.op_prefix + lease_id, *keys],
+            [self.now(), max_wait_ms, ttl_ms, lease_id, *argv],
+        )
 
     def settle(
         self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
     ) -> tuple[list[str], list[Any]]:
-        keys, argv = self.keys_of([*deltas, *release])
-        return keys, [self.now(), lease_id, op_id, len(deltas), *argv]
+        keys, argv, _ = self.encoding([*deltas, *release])
+        return [self.op_prefix + op_id, *keys], [self.now(), lease_id, len(deltas), *argv]
 
     def peek(self, entries: Sequence[Entry]) -> tuple[list[str], list[Any]]:
-        keys, argv = self.keys_of(entries)
-        return keys, [self.now(), *argv]
+        keys, argv, _ = self.encoding(entries)
+        return [self.op_prefix, *keys], [self.now(), *argv]
 
     def key_names(self, key: str) -> tuple[str, str]:
         return f"{self.tag}:b:{key}", f"{self.tag}:c:{key}"
 
+
+#: What a request is sent as: KEYS but the op's, ARGV but the first few, and the acquire
+#: script that suits it.
+Encoding = tuple[list[str], list[str], Script]
 
 def outcome(reply: Any) -> Outcome:
     """An acquire reply as an `Outcome`."""
@@ -215,8 +229,7 @@ class RedisStore:
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
     ) -> Outcome:
         """See `taskthrottle.Store.acquire`."""
-        keys, argv = self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms)
-        return outcome(self._run(ACQUIRE, keys, argv))
+        return outcome(self._run(*self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms)))
 
     def settle(
         self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
@@ -282,8 +295,9 @@ class AsyncRedisStore:
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
     ) -> Outcome:
         """See `taskthrottle.Store.acquire`."""
-        keys, argv = self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms)
-        return outcome(await self._run(ACQUIRE, keys, argv))
+        return outcome(
+            await self._run(*self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms))
+        )
 
     async def settle(
         self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]

@@ -13,7 +13,7 @@ import redis
 from redis.crc import key_slot
 
 from taskthrottle import InvalidInput, Limit, Limiter, RedisStore, StoreError, Throttled
-from taskthrottle._redis import ACQUIRE
+from taskthrottle._redis import ACQUIRE, BUCKETS, PEEK, SETTLE, Script
 
 rpm = Limit.per_minute("rpm", 60)
 tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
@@ -87,24 +87,31 @@ class TestScripts:
 
     def test_reloaded_after_script_flush(self, limiter: Limiter, client: redis.Redis) -> None:
         """SCRIPT FLUSH (or a restart, or a failover) costs one reload, not an error."""
+        scripts = [BUCKETS.sha, ACQUIRE.sha, SETTLE.sha, PEEK.sha]
         limiter.acquire("k", [slow])
         client.script_flush()
-        assert client.script_exists(ACQUIRE.sha) == [False]
-        limiter.acquire("k", [slow])
-        assert client.script_exists(ACQUIRE.sha) == [True]
-        assert limiter.available("k", [slow])["rph"] < 59
+        assert client.script_exists(*scripts) == [False] * 4
+        limiter.acquire("k", [slow])  # token buckets of one key: buckets.lua
+        lease = limiter.acquire("k", [slow, Limit.concurrency("c", 2)])  # acquire.lua
+        lease.adjust(rph=1)
+        assert limiter.available("k", [slow])["rph"] == 56  # three acquires, one adjust
+        assert client.script_exists(*scripts) == [True] * 4
 
     @pytest.mark.parametrize(
         ("max_wait", "entry", "message"),
         [
-            ("0", "3:0:60000:1:1:nan:rpm", "malformed entry"),
-            ("0", "3:0:60000:1:1:inf:rpm", "malformed entry"),
-            ("0", "1:0:60000:1:1:1000:rpm", "malformed entry"),  # names an op hash
-            ("0", "3:0:60000:1:1:9007199254740993:rpm", "below 2\\^53"),
-            ("nan", "3:0:60000:1:1:1000:rpm", "not a finite number"),
-            ("1e400", "3:0:60000:1:1:1000:rpm", "not a finite number"),
+            ("0", "2:0:60000:1:1:nan:rpm", "malformed entry"),
+            ("0", "2:0:60000:1:1:inf:rpm", "malformed entry"),
+            ("0", "1:0:60000:1:1:1000:rpm", "malformed entry"),  # names the op key
+            ("0", "2:0:60000:1:1:9007199254740993:rpm", "malformed entry"),
+            ("0", "2:0:60000:1:1:1000.5:rpm", "malformed entry"),
+            ("0", "2:0:-60000:1:1:1000:rpm", "malformed entry"),
+            ("0", "2:0:60000:1:1:1000", "malformed entry"),
+            ("nan", "2:0:60000:1:1:1000:rpm", "not a finite number"),
+            ("1e400", "2:0:60000:1:1:1000:rpm", "not a finite number"),
         ],
     )
+    @pytest.mark.parametrize("script", [ACQUIRE, BUCKETS], ids=lambda s: s.name)
     def test_lua_refuses_bad_numbers_and_writes_nothing(
         self,
         client: redis.Redis,
@@ -113,17 +120,17 @@ class TestScripts:
         max_wait: str,
         entry: str,
         message: str,
+        script: Script,
     ) -> None:
         """Even a caller that bypasses the Python checks cannot slip NaN, infinities or
         numbers Lua would round past the script."""
-        limiter.acquire("warm", [rpm])  # loads the script
+        limiter.acquire("warm", [rpm, Limit.concurrency("c", 1)])  # loads both scripts
         tag = "{" + namespace + "}"
-        keys = [f"{tag}:ops:0", f"{tag}:ops:1", f"{tag}:b:k"]
+        keys = [f"{tag}:op:lease-x", f"{tag}:b:k"]
         argv = ["", max_wait, "1000", "lease-x", entry]
         with pytest.raises(redis.ResponseError, match=message):
-            client.evalsha(ACQUIRE.sha, len(keys), *keys, *argv)
-        assert client.exists(keys[2]) == 0
-        assert [client.hget(ops, "lease-x") for ops in keys[:2]] == [None, None]  # not recorded
+            client.evalsha(script.sha, len(keys), *keys, *argv)
+        assert client.exists(*keys) == 0  # neither charged nor recorded
 
 
 class TestKeys:
@@ -135,7 +142,7 @@ class TestKeys:
         lease.adjust(rpm=2)
         found = keys_of(client, namespace)
         kinds = sorted(key.decode().split(":")[1] for key in found)
-        assert kinds == ["b", "b", "c", "ops"], found
+        assert kinds == ["b", "b", "c", "op", "op"], found  # the lease and its adjust
         assert all(pttl(client, key) > 0 for key in found), found
         lease.release()
         assert client.exists(f"{{{namespace}}}:c:tenant:1") == 0  # the last slot went with it
@@ -191,7 +198,7 @@ class TestConnections:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
-        with pytest.raises(StoreError, match=r"acquire\.lua"):
+        with pytest.raises(StoreError, match=r"buckets\.lua failed: .*refused"):
             Limiter(store).acquire("k", [rpm])
 
 

@@ -1,14 +1,16 @@
---[[ acquire.lua: charge every entry of a lease, or none. Keys as in common.lua.
+--[[ acquire.lua: charge every entry of a lease, or none. Keys and entries as in prelude.lua; the op
+is the lease.
 
 ARGV[1]      now in ms, or '' to read Redis TIME (tests inject a clock)
 ARGV[2]      max wait ms: a bucket may be charged into debt if its turn comes within it
 ARGV[3]      slot ttl ms, counted from the turn
-ARGV[4]      lease id: once granted, its turn is recorded, and a repeated call (a client
-             retry) replays the grant, charging nothing
-ARGV[5..]    one entry each, as in common.lua
+ARGV[4]      lease id, the member of its slots
+ARGV[5..]    the entries, as in prelude.lua
 
 Returns {1, delay_ms, now_ms} when granted, or {0, wait_ms, now_ms, i1, wait1, ...}
-(1-based entry index and own wait of each refusing entry) having written nothing.
+(1-based entry index and own wait of each refusing entry) having written nothing. Once
+granted, the lease's turn is recorded, and a repeated call (a client retry) replays the
+grant, charging nothing.
 ]]
 
 local now = clock()
@@ -18,21 +20,21 @@ local entries, hashes = read_entries(5)
 local refused, delay = {}, 0
 for i, e in ipairs(entries) do
   local wait = look(e, now)
-  delay = math.max(delay, wait)
-  if wait > (e.kind == 0 and max_wait or 0) then
+  delay = max(delay, wait)
+  if wait > (e[KIND] == 0 and max_wait or 0) then
     refused[#refused + 1] = i
     refused[#refused + 1] = wait
   end
 end
 
--- Only a grant records the lease id; a refusal may still be the repeat of a grant.
-local earlier, writes = nil, {}
+-- Only a grant records the lease; a refusal may still be the repeat of a grant.
+local earlier
 if #refused == 0 then
-  earlier = op_claim(lease, now + delay, now, hashes, writes)
+  earlier = op_claim(now + delay, now)
 else
-  earlier = op_recall(lease, now)
+  earlier = op_recall(now)
 end
-if earlier then return {1, math.max(0, earlier - now), now} end
+if earlier then return {1, max(0, earlier - now), now} end
 if #refused > 0 then
   local reply = {0, delay, now}
   for _, value in ipairs(refused) do reply[#reply + 1] = value end
@@ -40,14 +42,12 @@ if #refused > 0 then
 end
 
 for _, e in ipairs(entries) do
-  if e.kind == 1 then
+  if e[KIND] == 1 then
     local held = delay + ttl
-    redis.call('ZADD', e.key, now + held, slot_member(e, lease))
-    redis.call('ZREMRANGEBYSCORE', e.key, '-inf', now)
-    if redis.call('PTTL', e.key) < held then redis.call('PEXPIRE', e.key, held) end
-  else
-    charge(e, now, writes)
+    redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))
+    redis.call('ZREMRANGEBYSCORE', e[KEY], '-inf', now)
+    if redis.call('PTTL', e[KEY]) < held then redis.call('PEXPIRE', e[KEY], held) end
   end
 end
-flush(writes, hashes, now)
+charge(hashes, now)
 return {1, delay, now}

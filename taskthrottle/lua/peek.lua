@@ -1,8 +1,8 @@
 --[[ peek.lua: what each entry could take now; writes nothing.
 
-Keys as in common.lua (the op hashes are not used).
+KEYS as in prelude.lua (KEYS[1], the op, is not used).
 ARGV[1]      now in ms, or '' to read Redis TIME
-ARGV[2..]    one entry each, as in common.lua (amount ignored)
+ARGV[2..]    the entries, as in prelude.lua (amounts ignored)
 
 Returns one integer per entry: available millitokens (or slots), negative in debt.
 ]]
@@ -11,8 +11,8 @@ local now = clock()
 local entries = read_entries(2)
 local out = {}
 for i, e in ipairs(entries) do
-  e.amount = 0
+  e[AMOUNT] = 0
   look(e, now)
-  out[i] = e.cap - e.used
+  out[i] = e[CAP] - e[USED]
 end
 return out

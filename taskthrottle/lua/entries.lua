@@ -1,0 +1,170 @@
+--[[ entries.lua: entries of every kind, and their arithmetic, for acquire.lua, settle.lua
+and peek.lua (after prelude.lua, whose header describes keys and entries).
+
+An entry is a positional table (a third of the cost of one with named fields, and every
+call builds one per limit), its slots named below.
+]]
+
+-- Milliseconds from the anchor until `needed` millitokens have refilled.
+local function refill_time(needed, refill, period)
+  local whole_periods = floor(needed / refill)
+  return whole_periods * period + math.ceil((needed - whole_periods * refill) * period / refill)
+end
+
+-- A bucket's (debit, anchor, used) at now, from its stored debit and anchor (nil, nil, 0
+-- when full). Mirrors bucket_level of _algorithms.py.
+local function bucket_level(debit, anchor, now, refill, period)
+  if not (debit and anchor) then return nil, nil, 0 end
+  local used = debit
+  if now > anchor then
+    local periods = floor((now - anchor) / period)
+    debit, anchor = debit - periods * refill, anchor + periods * period
+    used = debit - floor((now - anchor) * refill / period)
+  end
+  if used <= 0 then return nil, nil, 0 end
+  return debit, anchor, used
+end
+
+-- Milliseconds until `amount` fits. Mirrors bucket_wait of _algorithms.py.
+local function bucket_wait(debit, anchor, used, now, cap, refill, period, amount)
+  if used + amount <= cap then return 0 end
+  return refill_time(debit - cap + amount, refill, period) - max(0, now - anchor)
+end
+
+-- Milliseconds until a bucket charged to `debit` since `anchor` is full again (at least
+-- 1). Mirrors bucket_ttl of _algorithms.py.
+local function bucket_ttl(debit, anchor, now, refill, period)
+  return max(1, refill_time(debit, refill, period) - max(0, now - anchor))
+end
+
+-- FIELD and FIELD2: the hash fields of a bucket or quota. VALUE and SINCE: its stored
+-- state (a bucket's debit and anchor, a quota's use and window; nil when none), brought
+-- to now by `look`, after which VALUE holds the live slots of a concurrency entry.
+-- USED: what the entry holds now.
+local KEY, KIND, CAP, REFILL, PERIOD, AMOUNT, NAME, FIELD, FIELD2 = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local VALUE, SINCE, USED = 10, 11, 12
+
+-- The entries ARGV[first..], and the hashes they use, each read with one HMGET: a list of
+-- {key, expiry, entry, entry, ...}.
+local function read_entries(first)
+  local entries, hashes, by_key = {}, {}, {}
+  for i = first, #ARGV do
+    local k, kind, cap, refill, period, amount, name =
+      string.match(ARGV[i], '^(%d+):([012]):(%d+):(%d+):(%d+):(%-?%d+):(.+)$')
+    k = tonumber(k)
+    local e = {k and k > 1 and KEYS[k], tonumber(kind), tonumber(cap), tonumber(refill),
+      tonumber(period), tonumber(amount), name, false, false, nil, nil, 0}
+    if not (e[KEY] and e[CAP] + e[REFILL] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT) then
+      return malformed(ARGV[i])
+    end
+    entries[#entries + 1] = e
+    if kind ~= '1' then
+      local prefix = kind == '0' and 'b' or 'q'
+      e[FIELD], e[FIELD2] = prefix .. ':' .. name, prefix .. '@' .. name
+      local hash = by_key[e[KEY]]
+      if not hash then
+        hash = {e[KEY], 0}
+        by_key[e[KEY]] = hash
+        hashes[#hashes + 1] = hash
+      end
+      hash[#hash + 1] = e
+    end
+  end
+  for _, hash in ipairs(hashes) do
+    local fields, n = {}, #hash
+    for j = 3, n do
+      fields[2 * j - 5], fields[2 * j - 4] = hash[j][FIELD], hash[j][FIELD2]
+    end
+    fields[#fields + 1] = 'x'
+    local values = redis.call('HMGET', hash[1], unpack(fields))
+    for j = 3, n do
+      hash[j][VALUE], hash[j][SINCE] = tonumber(values[2 * j - 5]), tonumber(values[2 * j - 4])
+    end
+    hash[2] = tonumber(values[#values]) or 0
+  end
+  return entries, hashes
+end
+
+-- Live slots of a concurrency entry: a list of {slots, expiry} sorted by expiry, and the
+-- slots they hold.
+local function slots_live(e, now)
+  local members = redis.call('ZRANGEBYSCORE', e[KEY], string.format('(%.0f', now), '+inf',
+    'WITHSCORES')
+  local prefix = e[NAME] .. ':'
+  local live, used = {}, 0
+  for i = 1, #members, 2 do
+    local member = members[i]
+    if string.sub(member, 1, #prefix) == prefix then
+      local weight = tonumber(string.match(member, '^(%d+):', #prefix + 1))
+      live[#live + 1] = {weight, tonumber(members[i + 1])}
+      used = used + weight
+    end
+  end
+  return live, used
+end
+
+-- Brings e's state to `now` and returns the wait (ms) before e's amount fits. Mirrors
+-- quota_used, quota_wait and slots_wait of _algorithms.py.
+local function look(e, now)
+  local kind, amount, cap = e[KIND], e[AMOUNT], e[CAP]
+  if kind == 0 then
+    local debit, anchor, used = bucket_level(e[VALUE], e[SINCE], now, e[REFILL], e[PERIOD])
+    e[VALUE], e[SINCE], e[USED] = debit, anchor, used
+    return bucket_wait(debit, anchor, used, now, cap, e[REFILL], e[PERIOD], amount)
+  elseif kind == 2 then
+    local window = floor(now / e[PERIOD])
+    if e[VALUE] and e[SINCE] == window then e[USED] = e[VALUE] end
+    e[SINCE] = window
+    if e[USED] + amount <= cap then return 0 end
+    return (window + 1) * e[PERIOD] - now
+  end
+  local live, used = slots_live(e, now)
+  e[VALUE], e[USED] = live, used
+  if used + amount <= cap then return 0 end
+  for _, lease in ipairs(live) do
+    used = used - lease[1]
+    if used + amount <= cap then return max(1, lease[2] - now) end
+  end
+  return error('taskthrottle: slots requested exceed the capacity')
+end
+
+-- Adds each entry's amount to the buckets and quotas of `hashes`, as `look` left them,
+-- with one HSET (and HDEL) per hash; a hash whose state would outlive its expiry gets a
+-- later one. Mirrors bucket_add of _algorithms.py.
+local function charge(hashes, now)
+  for _, hash in ipairs(hashes) do
+    local set, del, ttl = {}, {}, 0
+    for j = 3, #hash do
+      local e = hash[j]
+      local amount = e[AMOUNT]
+      if amount == 0 then
+        -- nothing changes
+      elseif e[USED] + amount <= 0 then
+        del[#del + 1], del[#del + 2] = e[FIELD], e[FIELD2]
+      else
+        local value, since
+        if e[KIND] == 0 then
+          since = e[VALUE] and e[SINCE] or now
+          value = (e[VALUE] or 0) + amount
+          ttl = max(ttl, bucket_ttl(value, since, now, e[REFILL], e[PERIOD]))
+        else
+          since, value = e[SINCE], e[USED] + amount
+          ttl = max(ttl, (since + 1) * e[PERIOD] - now)
+        end
+        local n = #set
+        set[n + 1], set[n + 2], set[n + 3], set[n + 4] = e[FIELD], value, e[FIELD2], since
+      end
+    end
+    local extend = ttl > 0 and now + ttl > hash[2]
+    if extend then
+      set[#set + 1], set[#set + 2] = 'x', now + ttl + EXPIRY_SLACK
+    end
+    if #set > 0 then redis.call('HSET', hash[1], unpack(set)) end
+    if #del > 0 then redis.call('HDEL', hash[1], unpack(del)) end
+    if extend then redis.call('PEXPIRE', hash[1], ttl + EXPIRY_SLACK) end
+  end
+end
+
+local function slot_member(e, lease)
+  return string.format('%s:%.0f:%s', e[NAME], e[AMOUNT], lease)
+end

@@ -9,6 +9,7 @@ Writes its section of docs/benchmarks.md (``--output``; ``--output -`` prints on
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 import uuid
@@ -93,15 +94,19 @@ def memory_case() -> dict[str, Case]:
 
 
 def measure(found: dict[str, Case], iterations: int, rounds: int) -> dict[str, list[list[float]]]:
-    """Per-call latencies in microseconds, per round, cases interleaved round by round."""
+    """Per-call latencies in microseconds, per round, cases interleaved round by round in
+    a new order each round (a fixed order measurably favours some positions)."""
     samples: dict[str, list[list[float]]] = {name: [] for name in found}
     per_round = max(1, iterations // rounds)
     for call in found.values():  # warm up: connections, scripts, caches
         for _ in range(min(200, per_round)):
             call()
     clock = time.perf_counter_ns
+    order = list(found.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, call in found.items():
+        shuffle(order)
+        for name, call in order:
             out = []
             for _ in range(per_round):
                 start = clock()

@@ -14,17 +14,21 @@ local now = clock()
 local hash = KEYS[2]
 local max_wait = num(ARGV[2])
 
--- Each entry's numbers and fields, and its stored state from one HMGET.
+-- Each entry's numbers (four a bucket, in `specs`) and fields, and its stored state from
+-- one HMGET. The pattern admits digits only, so '+ 0' converts (at half the cost of
+-- calling tonumber).
 local specs, fields = {}, {}
 for j = 5, #ARGV do
   local cap, refill, period, amount, name =
     string.match(ARGV[j], '^2:0:(%d+):([1-9]%d*):([1-9]%d*):(%d+):(.+)$')
-  cap, refill, period, amount = tonumber(cap), tonumber(refill), tonumber(period), tonumber(amount)
-  if not (cap and cap + refill * period + amount < LIMIT) then return malformed(ARGV[j]) end
-  specs[#specs + 1] = {cap, refill, period, amount}
+  if not name then return malformed(ARGV[j]) end
+  cap, refill, period, amount = cap + 0, refill + 0, period + 0, amount + 0
+  if cap + refill * period + amount >= LIMIT then return malformed(ARGV[j]) end
+  local k = #specs
+  specs[k + 1], specs[k + 2], specs[k + 3], specs[k + 4] = cap, refill, period, amount
   fields[#fields + 1], fields[#fields + 2] = 'b:' .. name, 'b@' .. name
 end
-local n = #specs
+local n = #specs / 4
 if n == 0 then return error('taskthrottle: no entries') end
 fields[2 * n + 1] = 'x'
 local stored = redis.call('HMGET', hash, unpack(fields))
@@ -33,8 +37,8 @@ local stored = redis.call('HMGET', hash, unpack(fields))
 -- refused: the index and wait of each bucket that refuses.
 local set, ttl, refused, delay = {}, 0, {}, 0
 for j = 1, n do
-  local spec = specs[j]
-  local cap, refill, period, amount = spec[1], spec[2], spec[3], spec[4]
+  local cap, refill, period, amount = specs[4 * j - 3], specs[4 * j - 2], specs[4 * j - 1],
+    specs[4 * j]
   -- The level now: whole periods are folded into the anchor; a full bucket has no state.
   local debit, anchor = tonumber(stored[2 * j - 1]), tonumber(stored[2 * j])
   local used = 0

@@ -139,8 +139,8 @@ Encoding = tuple[list[str], list[str], Script]
 
 def outcome(reply: Any) -> Outcome:
     """An acquire reply as an `Outcome`."""
-    if type(reply) is list and len(reply) == 3 and reply[0] == 1:  # granted: the common case
-        return _new(Outcome, (True, reply[1], reply[2], ()))
+    if type(reply) is int:  # granted with no delay, the common case: the store's clock
+        return _new(Outcome, (True, 0, reply, ()))
     try:
         granted, delay, now, *rest = (int(x) for x in reply)
     except (TypeError, ValueError) as exc:

@@ -7,8 +7,10 @@ ARGV[3]      slot ttl ms, counted from the turn
 ARGV[4]      lease id, the member of its slots
 ARGV[5..]    the entries, as in prelude.lua
 
-Returns {1, delay_ms, now_ms} when granted, or {0, wait_ms, now_ms, i1, wait1, ...}
-(1-based entry index and own wait of each refusing entry) having written nothing. Once
+Returns {1, delay_ms, now_ms} when granted (now_ms alone, an integer, when granted with
+no delay: Redis sends a table at a cost of microseconds), or {0, wait_ms, now_ms, i1,
+wait1, ...} (1-based entry index and own wait of each refusing entry) having written
+nothing. Once
 granted, the lease's turn is recorded, and a repeated call (a client retry) replays the
 grant, charging nothing.
 ]]
@@ -50,4 +52,5 @@ for _, e in ipairs(entries) do
   end
 end
 charge(hashes, now)
+if delay == 0 then return now end
 return {1, delay, now}

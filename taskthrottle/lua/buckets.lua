@@ -92,4 +92,5 @@ if #set > 0 then
   redis.call('HSET', hash, unpack(set))
   if extend then redis.call('PEXPIRE', hash, ttl + EXPIRY_SLACK) end
 end
+if delay == 0 then return now end
 return {1, delay, now}

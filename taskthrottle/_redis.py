@@ -137,6 +137,7 @@ class _Codec:
 #: script that suits it.
 Encoding = tuple[list[str], list[str], Script]
 
+
 def outcome(reply: Any) -> Outcome:
     """An acquire reply as an `Outcome`."""
     if type(reply) is int:  # granted with no delay, the common case: the store's clock

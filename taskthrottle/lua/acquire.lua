@@ -1,5 +1,5 @@
---[[ acquire.lua: charge every entry of a lease, or none. Keys and entries as in prelude.lua; the op
-is the lease.
+--[[ acquire.lua: charge every entry of a lease, or none. Keys and entries as in
+prelude.lua; the op is the lease.
 
 ARGV[1]      now in ms, or '' to read Redis TIME (tests inject a clock)
 ARGV[2]      max wait ms: a bucket may be charged into debt if its turn comes within it
@@ -10,9 +10,8 @@ ARGV[5..]    the entries, as in prelude.lua
 Returns {1, delay_ms, now_ms} when granted (now_ms alone, an integer, when granted with
 no delay: Redis sends a table at a cost of microseconds), or {0, wait_ms, now_ms, i1,
 wait1, ...} (1-based entry index and own wait of each refusing entry) having written
-nothing. Once
-granted, the lease's turn is recorded, and a repeated call (a client retry) replays the
-grant, charging nothing.
+nothing. Once granted, the lease's turn is recorded, and a repeated call (a client
+retry) replays the grant, charging nothing.
 ]]
 
 local now = clock()
@@ -29,19 +28,8 @@ for i, e in ipairs(entries) do
   end
 end
 
--- Only a grant records the lease; a refusal may still be the repeat of a grant.
-local earlier
-if #refused == 0 then
-  earlier = op_claim(now + delay, now)
-else
-  earlier = op_recall(now)
-end
-if earlier then return {1, max(0, earlier - now), now} end
-if #refused > 0 then
-  local reply = {0, delay, now}
-  for _, value in ipairs(refused) do reply[#reply + 1] = value end
-  return reply
-end
+local early = answer_before_writing(refused, delay, now)
+if early then return early end
 
 for _, e in ipairs(entries) do
   if e[KIND] == 1 then

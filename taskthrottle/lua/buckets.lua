@@ -71,19 +71,8 @@ for j = 1, n do
   end
 end
 
--- Only a grant records the lease; a refusal may still be the repeat of a grant.
-local earlier
-if #refused == 0 then
-  earlier = op_claim(now + delay, now)
-else
-  earlier = op_recall(now)
-end
-if earlier then return {1, max(0, earlier - now), now} end
-if #refused > 0 then
-  local reply = {0, delay, now}
-  for _, value in ipairs(refused) do reply[#reply + 1] = value end
-  return reply
-end
+local early = answer_before_writing(refused, delay, now)
+if early then return early end
 
 if #set > 0 then
   -- The hash outlives its state by a minute, so that a busy key is extended once a minute.

@@ -67,3 +67,21 @@ local function op_claim(turn, now)
   redis.call('SET', KEYS[1], turn, 'PX', OP_MEMORY_MS)
   return nil
 end
+
+-- What an acquire answers before it writes anything, given the index and wait of each
+-- refusing entry and the delay of the whole request: the replay of an earlier grant of
+-- this lease (a client retry), or the refusal; nil when granted now, its turn recorded.
+-- Only a grant records the lease: a refusal may still be the repeat of a grant.
+local function answer_before_writing(refused, delay, now)
+  local earlier
+  if #refused == 0 then
+    earlier = op_claim(now + delay, now)
+  else
+    earlier = op_recall(now)
+  end
+  if earlier then return {1, max(0, earlier - now), now} end
+  if #refused == 0 then return nil end
+  local reply = {0, delay, now}
+  for _, value in ipairs(refused) do reply[#reply + 1] = value end
+  return reply
+end

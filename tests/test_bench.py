@@ -65,7 +65,9 @@ def test_celery_benchmark_runs(redis_url: str, tmp_path: Path) -> None:
         timeout=300,
     )
     text = output.read_text()
-    assert "Throttling costs" in text
+    assert re.search(r"Throttling costs \*\*-?[\d.]+%\*\*", text), text
+    for case in ("unthrottled no-op tasks", r"throttled no-op tasks \(nothing refused\)"):
+        assert re.search(rf"\| {case} \| \d+ \| \d+ \d+ \|", text), text
     row = re.search(r"\| taskthrottle 20/s \| 20 \| 80/s \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", text)
     assert row is not None, text
     assert float(row[1]) >= 1.0  # the overload run counts every delivery

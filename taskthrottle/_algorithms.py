@@ -12,6 +12,8 @@ product below 2**53. A full bucket has no state at all.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 BucketState = tuple[int, int]  # (debit_mt, anchor_ms)
 QuotaState = tuple[int, int]  # (used_mt, window_index)
 
@@ -87,15 +89,17 @@ def quota_wait(used: int, now: int, cap: int, period: int, amount: int) -> int:
     return (now // period + 1) * period - now
 
 
-def slots_wait(leases: dict[str, tuple[int, int]], now: int, cap: int, amount: int) -> int:
+def slots_wait(
+    used: int, leases: Iterable[tuple[int, int]], now: int, cap: int, amount: int
+) -> int:
     """Milliseconds until ``amount`` slots are free if no holder releases early.
 
-    ``leases`` maps lease ids to ``(slots_mt, expiry_ms)``, expired ones removed.
+    ``used`` slots are held by ``leases``, their ``(slots_mt, expiry_ms)``, expired ones
+    removed; only a wait reads the leases.
     """
-    used = sum(weight for weight, _ in leases.values())
     if used + amount <= cap:
         return 0
-    for weight, expiry in sorted(leases.values(), key=lambda lease: lease[1]):
+    for weight, expiry in sorted(leases, key=lambda lease: lease[1]):
         used -= weight
         if used + amount <= cap:
             return max(1, expiry - now)

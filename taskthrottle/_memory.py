@@ -9,6 +9,7 @@ are dropped by a sweep that runs when a stripe has doubled since the last one.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,42 @@ def _buckets_of(entries: Sequence[Entry]) -> str | None:
         if e.kind != BUCKET or e.key != key:
             return None
     return key
+
+
+class _Slots:
+    """The leases holding one concurrency limit: ``held`` is their sum, so that a grant
+    need not add them up; a heap by expiry finds the expired without a scan."""
+
+    __slots__ = ("by_expiry", "held", "leases")
+
+    def __init__(self) -> None:
+        self.leases: dict[str, tuple[int, int]] = {}  # lease id -> (slots_mt, expiry_ms)
+        self.held = 0
+        self.by_expiry: list[tuple[int, str]] = []  # may keep released leases, skipped
+
+    def prune(self, now: int) -> None:
+        heap = self.by_expiry
+        while heap and heap[0][0] <= now:
+            expiry, lease_id = heapq.heappop(heap)
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease[1] == expiry:
+                self.remove(lease_id)
+
+    def add(self, lease_id: str, weight: int, expiry: int) -> None:
+        self.remove(lease_id)
+        self.leases[lease_id] = (weight, expiry)
+        self.held += weight
+        heap = self.by_expiry
+        if len(heap) > 2 * len(self.leases) + 64:  # mostly released leases: start again
+            heap[:] = [(exp, lid) for lid, (_, exp) in self.leases.items()]
+            heapq.heapify(heap)
+        else:
+            heapq.heappush(heap, (expiry, lease_id))
+
+    def remove(self, lease_id: str) -> None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None:
+            self.held -= lease[0]
 
 
 class _KeyState:
@@ -225,8 +262,9 @@ class MemoryStore:
         if kind == QUOTA:
             used = alg.quota_used(raw, now, period)
             return alg.quota_wait(used, now, cap, period, amount), used, key_state
-        leases = {lid: lease for lid, lease in (raw or {}).items() if lease[1] > now}
-        return alg.slots_wait(leases, now, cap, amount), leases, key_state
+        slots: _Slots = raw or _Slots()
+        slots.prune(now)  # under the stripe's lock; changes nothing anyone can see
+        return alg.slots_wait(slots.held, slots.leases.values(), now, cap, amount), slots, key_state
 
     def _charge(
         self,
@@ -248,7 +286,7 @@ class MemoryStore:
             until = (now // e.period + 1) * e.period
         else:
             new, until = state, expiry
-            state[lease_id] = (e.amount, expiry)
+            state.add(lease_id, e.amount, expiry)
         if key_state is None:
             if new is None:
                 return
@@ -276,7 +314,7 @@ class MemoryStore:
                 key_state = self._stripes[hash(e.key) % len(self._stripes)].get(e.key, now)
                 slots = None if key_state is None else key_state.fields.get((e.kind, e.name))
                 if slots is not None:
-                    slots.pop(lease_id, None)
+                    slots.remove(lease_id)
             self._remember(op_id, now)
 
     def peek(self, entries: Sequence[Entry]) -> list[int]:
@@ -291,7 +329,7 @@ class MemoryStore:
             return e.cap - (state[2] if state else 0)
         if e.kind == QUOTA:
             return e.cap - int(state)
-        return e.cap - sum(int(weight) for weight, _ in state.values())
+        return e.cap - int(state.held)
 
     def reset(self, key: str) -> None:
         """See `taskthrottle.Store.reset`."""

@@ -27,6 +27,7 @@ LIMITS = [
     Limit.parse("s", "7/1500ms"),
     Limit.quota("q", 40, per="hour"),
     Limit.concurrency("c", 3),
+    Limit.concurrency("d", 4),  # a second name in the same key's slots
 ]
 KEYS = ["a", "b"]
 TTL_MS = 4000
@@ -125,8 +126,8 @@ ops = st.lists(
         st.tuples(
             st.just("acquire"),
             st.sets(st.sampled_from(KEYS), min_size=1),
-            st.lists(st.sampled_from(LIMITS), min_size=1, max_size=4, unique=True),
-            st.dictionaries(st.sampled_from(["b", "s", "q", "c"]), amounts, max_size=3),
+            st.lists(st.sampled_from(LIMITS), min_size=1, max_size=5, unique=True),
+            st.dictionaries(st.sampled_from(["b", "s", "q", "c", "d"]), amounts, max_size=3),
             st.sampled_from([0, 0, 700, 5000]),
         ),
         st.tuples(st.just("advance"), st.integers(0, 3000)),

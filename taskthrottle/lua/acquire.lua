@@ -34,8 +34,9 @@ if early then return early end
 for _, e in ipairs(entries) do
   if e[KIND] == 1 then
     local held = delay + ttl
+    slots_prune(e[KEY], now)
     redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))
-    redis.call('ZREMRANGEBYSCORE', e[KEY], '-inf', now)
+    slots_count(e[KEY], e[NAME], e[AMOUNT])
     if redis.call('PTTL', e[KEY]) < held then redis.call('PEXPIRE', e[KEY], held) end
   end
 end

@@ -39,8 +39,7 @@ end
 
 -- FIELD and FIELD2: the hash fields of a bucket or quota. VALUE and SINCE: its stored
 -- state (a bucket's debit and anchor, a quota's use and window; nil when none), brought
--- to now by `look`, after which VALUE holds the live slots of a concurrency entry.
--- USED: what the entry holds now.
+-- to now by `look`. USED: what the entry holds now.
 local KEY, KIND, CAP, REFILL, PERIOD, AMOUNT, NAME, FIELD, FIELD2 = 1, 2, 3, 4, 5, 6, 7, 8, 9
 local VALUE, SINCE, USED = 10, 11, 12
 
@@ -85,22 +84,63 @@ local function read_entries(first)
   return entries, hashes
 end
 
--- Live slots of a concurrency entry: a list of {slots, expiry} sorted by expiry, and the
--- slots they hold.
-local function slots_live(e, now)
-  local members = redis.call('ZRANGEBYSCORE', e[KEY], string.format('(%.0f', now), '+inf',
-    'WITHSCORES')
-  local prefix = e[NAME] .. ':'
-  local live, used = {}, 0
-  for i = 1, #members, 2 do
-    local member = members[i]
-    if string.sub(member, 1, #prefix) == prefix then
-      local weight = tonumber(string.match(member, '^(%d+):', #prefix + 1))
-      live[#live + 1] = {weight, tonumber(members[i + 1])}
-      used = used + weight
-    end
+-- Concurrency slots: besides a member per lease (see prelude.lua), a key's zset keeps per
+-- limit name a member "#<name>" scored -1 - (slots_mt held), so that what is held is one
+-- ZSCORE away instead of a sum over every lease. The negative score keeps it out of every
+-- range of expiries. Leases that expired still count in it until a write prunes them.
+
+-- The slots_mt recorded as held by `name` under `key`.
+local function slots_held(key, name)
+  local score = redis.call('ZSCORE', key, '#' .. name)
+  return score and -1 - tonumber(score) or 0
+end
+
+-- The members of expired leases under `key`, and the slots_mt they hold per name.
+local function slots_expired(key, now)
+  local members = redis.call('ZRANGEBYSCORE', key, 0, string.format('%.0f', now))
+  local by_name = {}
+  for _, member in ipairs(members) do
+    local name, weight = string.match(member, '^([^:]+):(%d+):')
+    by_name[name] = (by_name[name] or 0) + tonumber(weight)
   end
-  return live, used
+  return members, by_name
+end
+
+-- Records `delta` more slots_mt held by `name` under `key`.
+local function slots_count(key, name, delta)
+  local held = slots_held(key, name) + delta
+  if held > 0 then
+    redis.call('ZADD', key, -1 - held, '#' .. name)
+  else
+    redis.call('ZREM', key, '#' .. name)
+  end
+end
+
+-- Forgets the expired leases under `key`, and the slots they held.
+local function slots_prune(key, now)
+  local members, by_name = slots_expired(key, now)
+  if #members == 0 then return end
+  for name, weight in pairs(by_name) do slots_count(key, name, -weight) end
+  redis.call('ZREMRANGEBYSCORE', key, 0, string.format('%.0f', now))
+end
+
+-- Milliseconds until `amount` more slots of e fit, `used` being held now: the live leases
+-- of e's name in order of expiry, read a page at a time, until enough would be free.
+local function slots_wait(e, now, used, amount)
+  local prefix, since, page = e[NAME] .. ':', string.format('(%.0f', now), 100
+  for offset = 0, math.huge, page do
+    local members = redis.call('ZRANGEBYSCORE', e[KEY], since, '+inf', 'WITHSCORES',
+      'LIMIT', offset, page)
+    for i = 1, #members, 2 do
+      local member = members[i]
+      if string.sub(member, 1, #prefix) == prefix then
+        used = used - tonumber(string.match(member, '^(%d+):', #prefix + 1))
+        if used + amount <= e[CAP] then return max(1, tonumber(members[i + 1]) - now) end
+      end
+    end
+    if #members < 2 * page then break end
+  end
+  return error('taskthrottle: slots requested exceed the capacity')
 end
 
 -- Brings e's state to `now` and returns the wait (ms) before e's amount fits. Mirrors
@@ -118,14 +158,11 @@ local function look(e, now)
     if e[USED] + amount <= cap then return 0 end
     return (window + 1) * e[PERIOD] - now
   end
-  local live, used = slots_live(e, now)
-  e[VALUE], e[USED] = live, used
+  local _, expired = slots_expired(e[KEY], now)
+  local used = slots_held(e[KEY], e[NAME]) - (expired[e[NAME]] or 0)
+  e[USED] = used
   if used + amount <= cap then return 0 end
-  for _, lease in ipairs(live) do
-    used = used - lease[1]
-    if used + amount <= cap then return max(1, lease[2] - now) end
-  end
-  return error('taskthrottle: slots requested exceed the capacity')
+  return slots_wait(e, now, used, amount)
 end
 
 -- Adds each entry's amount to the buckets and quotas of `hashes`, as `look` left them,

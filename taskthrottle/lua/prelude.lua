@@ -8,7 +8,8 @@ KEYS[2..]   the keys entries name by index: `{ns}:b:<key>`, a HASH of buckets an
             bucket; "q:<name>" = used_mt and "q@<name>" = window index for a quota), and
             "x" = the hash's expiry (ms), which spares a PEXPIRE on almost every call; and
             `{ns}:c:<key>`, a ZSET of concurrency slots, member "<name>:<slots_mt>:<lease
-            id>", score = expiry (ms)
+            id>", score = expiry (ms), and per name "#<name>", score = -1 - slots_mt held
+            (see entries.lua)
 An entry is one ARGV, "i:kind:cap_mt:refill_mt:period_ms:amount_mt:name": KEYS[i] holds
 it, the hash for kind 0 (a bucket) and 2 (a quota), the zset for kind 1 (concurrency).
 Amounts may be negative in settle.lua.

@@ -18,7 +18,11 @@ if op_claim(now, now) then return 0 end
 
 for i = 1, deltas do look(entries[i], now) end
 for i = deltas + 1, #entries do
-  redis.call('ZREM', entries[i][KEY], slot_member(entries[i], lease))
+  local e = entries[i]
+  -- A lease pruned on expiry is no longer counted: only a member removed here is.
+  if redis.call('ZREM', e[KEY], slot_member(e, lease)) == 1 then
+    slots_count(e[KEY], e[NAME], -e[AMOUNT])
+  end
 end
 charge(hashes, now)
 return 1

@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from taskthrottle._algorithms import refill_time
-from taskthrottle._exceptions import InvalidInput, InvalidType, Throttled, Violation
+from taskthrottle._exceptions import InvalidInput, InvalidType, StoreError, Throttled, Violation
 from taskthrottle._lease import AsyncLease, AsyncReservation, Lease, Reservation
 from taskthrottle._limits import Limit
 from taskthrottle._memory import MemoryStore
 from taskthrottle._plan import Consume, Target, check_key, entries, new_id
 from taskthrottle._store import BUCKET, QUOTA, AsyncStore, Entry, Outcome, Store
+
+if TYPE_CHECKING:
+    from taskthrottle.metrics import Metrics
 
 #: Seconds a concurrency slot stays held when its holder never releases it.
 DEFAULT_LEASE_TTL = 300.0
@@ -43,11 +47,19 @@ def _request(
     return charged, ttl_ms, new_id() if lease_id is None else check_key(lease_id)
 
 
-def _throttled(outcome: Outcome, charged: list[Entry]) -> Throttled:
+def _answer(outcome: Outcome, charged: list[Entry], metrics: Metrics | None) -> None:
+    """Raise `Throttled` for a refusal; report the outcome either way."""
+    if outcome.granted:
+        if metrics is not None:
+            metrics.granted(outcome.delay_ms / 1000)
+        return
     violations = tuple(
         Violation(charged[i].key, charged[i].name, wait / 1000) for i, wait in outcome.violations
     )
-    return Throttled(outcome.delay_ms / 1000, violations)
+    exc = Throttled(outcome.delay_ms / 1000, violations)
+    if metrics is not None:
+        metrics.throttled(exc)
+    raise exc
 
 
 def _wait(charged: list[Entry], levels: list[int], ttl_ms: int) -> float:
@@ -75,12 +87,33 @@ class Limiter:
     """Grants leases over a store shared by every worker (or a `MemoryStore` for one process).
 
     ``lease_ttl`` (seconds) is how long a concurrency slot stays held if its
-    holder dies without releasing it.
+    holder dies without releasing it. ``metrics`` hears of every acquire and reservation
+    (see `taskthrottle.metrics`).
     """
 
-    def __init__(self, store: Store | None = None, *, lease_ttl: float = DEFAULT_LEASE_TTL):
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store: Store = MemoryStore() if store is None else store
         self._ttl_ms = _seconds(lease_ttl, "lease_ttl")
+        self.metrics = metrics
+
+    def _charge(
+        self, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
+    ) -> Outcome:
+        """The store's grant, or `Throttled`."""
+        try:
+            outcome = self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
+        except StoreError as exc:
+            if self.metrics is not None:
+                self.metrics.failed(exc)
+            raise
+        _answer(outcome, charged, self.metrics)
+        return outcome
 
     def acquire(
         self,
@@ -98,9 +131,7 @@ class Limiter:
         key that carries it. Repeating a ``lease_id`` returns the same grant.
         """
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = self.store.acquire(lease_id, charged, 0, ttl_ms)
-        if not outcome.granted:
-            raise _throttled(outcome, charged)
+        outcome = self._charge(lease_id, charged, 0, ttl_ms)
         return Lease(self.store, lease_id, charged, outcome.now_ms / 1000)
 
     def reserve(
@@ -120,9 +151,7 @@ class Limiter:
         """
         max_wait_ms = _seconds(max_wait, "max_wait", allow_zero=True)
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
-        if not outcome.granted:
-            raise _throttled(outcome, charged)
+        outcome = self._charge(lease_id, charged, max_wait_ms, ttl_ms)
         return Reservation(
             self.store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000
         )
@@ -187,13 +216,31 @@ class AsyncLimiter:
     """The asyncio twin of `Limiter`, over an `AsyncRedisStore` or a `MemoryStore`."""
 
     def __init__(
-        self, store: AsyncStore | MemoryStore | None = None, *, lease_ttl: float = DEFAULT_LEASE_TTL
+        self,
+        store: AsyncStore | MemoryStore | None = None,
+        *,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        metrics: Metrics | None = None,
     ) -> None:
         self._ttl_ms = _seconds(lease_ttl, "lease_ttl")
         if store is None or isinstance(store, MemoryStore):
             self.store: AsyncStore = _AsyncOverSync(store or MemoryStore())
         else:
             self.store = store
+        self.metrics = metrics
+
+    async def _charge(
+        self, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
+    ) -> Outcome:
+        """See `Limiter._charge`."""
+        try:
+            outcome = await self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
+        except StoreError as exc:
+            if self.metrics is not None:
+                self.metrics.failed(exc)
+            raise
+        _answer(outcome, charged, self.metrics)
+        return outcome
 
     async def acquire(
         self,
@@ -206,9 +253,7 @@ class AsyncLimiter:
     ) -> AsyncLease:
         """See `Limiter.acquire`."""
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = await self.store.acquire(lease_id, charged, 0, ttl_ms)
-        if not outcome.granted:
-            raise _throttled(outcome, charged)
+        outcome = await self._charge(lease_id, charged, 0, ttl_ms)
         return AsyncLease(self.store, lease_id, charged, outcome.now_ms / 1000)
 
     async def reserve(
@@ -224,9 +269,7 @@ class AsyncLimiter:
         """See `Limiter.reserve`."""
         max_wait_ms = _seconds(max_wait, "max_wait", allow_zero=True)
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = await self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
-        if not outcome.granted:
-            raise _throttled(outcome, charged)
+        outcome = await self._charge(lease_id, charged, max_wait_ms, ttl_ms)
         return AsyncReservation(
             self.store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000
         )

@@ -124,3 +124,34 @@ def test_install_required() -> None:
     """A helper on an app without install() says what is missing."""
     with pytest.raises(InvalidInput, match="install"):
         limiter_for(make_app())
+
+
+def test_metrics_count_one_request_per_task() -> None:
+    """Through a worker, each task is one request: a deferred copy that comes back for its
+    turn books nothing more."""
+    from prometheus_client import CollectorRegistry
+
+    from taskthrottle import Limiter, MemoryStore
+    from taskthrottle.metrics import PrometheusMetrics
+
+    registry = CollectorRegistry()
+    app = make_app(task_default_queue="metrics")
+    taskthrottle.celery.install(
+        app, Limiter(MemoryStore(), metrics=PrometheusMetrics(registry)), park_after=60
+    )
+
+    @app.task(shared=False)
+    @throttled(Limit.per_second("rps", 10, burst=1), key="metrics")
+    def tick(n: int) -> int:
+        return n
+
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        results = [tick.delay(i) for i in range(5)]
+        assert [r.get(timeout=20) for r in results] == list(range(5))
+
+    def count(outcome: str) -> float:
+        found = registry.get_sample_value("taskthrottle_requests_total", {"outcome": outcome})
+        return found or 0.0
+
+    assert count("granted") + count("delayed") == 5
+    assert count("throttled") == 0

@@ -94,12 +94,12 @@ def slots_wait(
 ) -> int:
     """Milliseconds until ``amount`` slots are free if no holder releases early.
 
-    ``used`` slots are held by ``leases``, their ``(slots_mt, expiry_ms)``, expired ones
-    removed; only a wait reads the leases.
+    ``used`` slots are held by ``leases``, their ``(slots_mt, expiry_ms)`` in order of
+    expiry, expired ones removed; only a wait reads them, and only as far as it needs.
     """
     if used + amount <= cap:
         return 0
-    for weight, expiry in sorted(leases, key=lambda lease: lease[1]):
+    for weight, expiry in leases:
         used -= weight
         if used + amount <= cap:
             return max(1, expiry - now)

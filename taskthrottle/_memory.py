@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from taskthrottle import _algorithms as alg
@@ -65,6 +65,16 @@ class _Slots:
             heapq.heapify(heap)
         else:
             heapq.heappush(heap, (expiry, lease_id))
+
+    def by_age(self) -> Iterator[tuple[int, int]]:
+        """The live leases' ``(slots_mt, expiry_ms)``, soonest expiry first, on demand."""
+        heap, seen = self.by_expiry.copy(), set()
+        while heap:
+            expiry, lease_id = heapq.heappop(heap)
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease[1] == expiry and lease_id not in seen:
+                seen.add(lease_id)  # a lease added twice at one expiry is in the heap twice
+                yield lease
 
     def remove(self, lease_id: str) -> None:
         lease = self.leases.pop(lease_id, None)
@@ -264,7 +274,7 @@ class MemoryStore:
             return alg.quota_wait(used, now, cap, period, amount), used, key_state
         slots: _Slots = raw or _Slots()
         slots.prune(now)  # under the stripe's lock; changes nothing anyone can see
-        return alg.slots_wait(slots.held, slots.leases.values(), now, cap, amount), slots, key_state
+        return alg.slots_wait(slots.held, slots.by_age(), now, cap, amount), slots, key_state
 
     def _charge(
         self,

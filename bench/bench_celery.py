@@ -1,6 +1,6 @@
 """End to end through real Celery workers: what throttling costs, and churn under overload.
 
-    python -m bench.bench_celery --redis redis://127.0.0.1:6379/9 --tasks 3000
+    python -m bench.bench_celery --redis redis://127.0.0.1:6379/9
 
 1. Throughput: one worker node (prefork, 2 processes) empties a queue of no-op tasks,
    throttled (limits set high, so nothing is refused) and unthrottled, in alternating
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/9")
     parser.add_argument("--tasks", type=int, default=4000)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--rate", type=float, default=25.0)
     parser.add_argument("--overload-tasks", type=int, default=400)
     parser.add_argument("--output", default=str(ROOT / "docs/benchmarks.md"))

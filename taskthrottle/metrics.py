@@ -70,8 +70,8 @@ class PrometheusMetrics:
             buckets=DELAY_BUCKETS,
             **where,
         )
-        self._outcomes = {o: self.requests.labels(o) for o in ("granted", "delayed")}
-        self._outcomes |= {o: self.requests.labels(o) for o in ("throttled", "failed")}
+        outcomes = ("granted", "delayed", "throttled", "failed")
+        self._outcomes = {outcome: self.requests.labels(outcome) for outcome in outcomes}
 
     def granted(self, delay: float) -> None:
         """Count a grant, and how far ahead its turn is."""

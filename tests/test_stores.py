@@ -191,6 +191,19 @@ class TestConcurrency:
         clock.advance(30)
         limiter.acquire("k", [conc])
 
+    def test_a_lease_acquiring_again_holds_its_slot_once(
+        self, limiter: Limiter, clock: ManualClock
+    ) -> None:
+        """A lease id that acquires again once its op is forgotten (a task redelivered
+        minutes later, say) still holds one slot, and one release frees it."""
+        conc = Limit.concurrency("conc", 2)
+        limiter.acquire("k", [conc], lease_id="task-3:0")
+        clock.advance(61)
+        lease = limiter.acquire("k", [conc], lease_id="task-3:0")
+        assert limiter.available("k", [conc]) == {"conc": 1.0}
+        lease.release()
+        assert limiter.available("k", [conc]) == {"conc": 2.0}
+
     def test_weighted_slots(self, limiter: Limiter) -> None:
         """consume names how many slots a lease takes."""
         conc = Limit.concurrency("conc", 4)
@@ -335,8 +348,8 @@ class TestIdempotence:
     def test_ids_are_remembered_for_at_least_a_minute(
         self, limiter: Limiter, clock: ManualClock, phase: float
     ) -> None:
-        """Wherever in the store's bookkeeping a call falls (RedisStore keeps ids in
-        two-minute windows), its repeat 59.9 s later still charges nothing."""
+        """Wherever a call falls against the clock's minutes, its repeat 59.9 s later still
+        charges nothing."""
         clock.set(120 * 14_166_666 + phase)  # `phase` seconds into a two-minute window
         limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-7:0")
         clock.advance(59.9)  # the bucket is full again by now: a second charge would show

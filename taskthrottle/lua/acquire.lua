@@ -35,8 +35,10 @@ for _, e in ipairs(entries) do
   if e[KIND] == 1 then
     local held = delay + ttl
     slots_prune(e[KEY], now)
-    redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))
-    slots_count(e[KEY], e[NAME], e[AMOUNT])
+    -- What `look` found held is what the prune left. A lease acquiring again (its op
+    -- forgotten) only moves its expiry: it is counted already.
+    local added = redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))
+    redis.call('ZADD', e[KEY], -1 - (e[USED] + added * e[AMOUNT]), '#' .. e[NAME])
     if redis.call('PTTL', e[KEY]) < held then redis.call('PEXPIRE', e[KEY], held) end
   end
 end

@@ -34,7 +34,7 @@ if early then return early end
 for _, e in ipairs(entries) do
   if e[KIND] == 1 then
     local held = delay + ttl
-    slots_prune(e[KEY], now)
+    if e[VALUE] > 0 then slots_prune(e[KEY], now) end  -- `look` read the expired ones
     -- What `look` found held is what the prune left. A lease acquiring again (its op
     -- forgotten) only moves its expiry: it is counted already.
     local added = redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))

@@ -39,7 +39,8 @@ end
 
 -- FIELD and FIELD2: the hash fields of a bucket or quota. VALUE and SINCE: its stored
 -- state (a bucket's debit and anchor, a quota's use and window; nil when none), brought
--- to now by `look`. USED: what the entry holds now.
+-- to now by `look`, after which VALUE counts the expired leases of a concurrency entry's
+-- key. USED: what the entry holds now.
 local KEY, KIND, CAP, REFILL, PERIOD, AMOUNT, NAME, FIELD, FIELD2 = 1, 2, 3, 4, 5, 6, 7, 8, 9
 local VALUE, SINCE, USED = 10, 11, 12
 
@@ -158,9 +159,9 @@ local function look(e, now)
     if e[USED] + amount <= cap then return 0 end
     return (window + 1) * e[PERIOD] - now
   end
-  local _, expired = slots_expired(e[KEY], now)
+  local members, expired = slots_expired(e[KEY], now)
   local used = slots_held(e[KEY], e[NAME]) - (expired[e[NAME]] or 0)
-  e[USED] = used
+  e[VALUE], e[USED] = #members, used
   if used + amount <= cap then return 0 end
   return slots_wait(e, now, used, amount)
 end

@@ -13,6 +13,7 @@ from taskthrottle._exceptions import (
     MissingDependency,
     RequestTooLarge,
     StoreError,
+    StoreUnavailable,
     TaskThrottleError,
     Throttled,
     Violation,
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 for _public in (
     AsyncLease, AsyncLimiter, AsyncReservation, Entry, InvalidInput, InvalidType, Lease, Limit,
     Limiter, MemoryStore, MissingDependency, Outcome, RequestTooLarge, Reservation, StoreError,
-    TaskThrottleError, Throttled, Violation,
+    StoreUnavailable, TaskThrottleError, Throttled, Violation,
 ):  # fmt: skip
     _public.__module__ = "taskthrottle"
 
@@ -57,6 +58,7 @@ __all__ = [
     "Reservation",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "TaskThrottleError",
     "Throttle",
     "Throttled",

@@ -11,6 +11,7 @@ module, nor does it know any broker.
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 import time
 import uuid
@@ -18,12 +19,17 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any, NamedTuple, Protocol
 
+from taskthrottle._exceptions import StoreError
+
+log = logging.getLogger("taskthrottle")
+
 #: Seconds a run key lives: longer than any deferral, so stale copies are recognised.
 RUN_KEY_TTL = 86_400
 #: How many parked tasks one claim takes at most.
 BATCH = 200
-#: Seconds a claim holds its tasks before another releaser may take them over.
-HOLD = 30.0
+#: Seconds a claim holds its tasks before another releaser may take them over: a releaser
+#: publishes a batch in well under a second, and one that died loses its batch this long.
+HOLD = 5.0
 
 
 class Parked(NamedTuple):
@@ -34,6 +40,15 @@ class Parked(NamedTuple):
     payload: bytes
 
 
+class Claim(NamedTuple):
+    """What one claim found: the tasks it took, how many remain parked or claimed, and
+    whether the parking data is intact (False when it vanished since tasks were parked)."""
+
+    parked: list[Parked]
+    remaining: int
+    intact: bool
+
+
 class Deferrals(Protocol):
     """Parking and run tokens, as the task-queue integrations use them."""
 
@@ -41,7 +56,7 @@ class Deferrals(Protocol):
         """Keep ``payload`` until ``due_in`` seconds from now; the original copy is now stale."""
         ...
 
-    def claim(self, lead: float, batch: int, hold: float) -> list[Parked]:
+    def claim(self, lead: float, batch: int, hold: float) -> Claim:
         """Tasks due within ``lead`` seconds (and claims older than ``hold`` seconds)."""
         ...
 
@@ -54,13 +69,15 @@ class Deferrals(Protocol):
         that is ``prior``, the delivery that is handing itself back again."""
         ...
 
-    def begin(self, task_id: str, token: str | None) -> bool:
-        """May this delivery (a copy with ``token``, or the original) run?"""
+    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
+        """May this delivery (a copy with ``token``, published by the copy holding ``prior``,
+        or the original) run?"""
         ...
 
 
 class RedisDeferrals:
-    """Deferrals in Redis, next to a `RedisStore`'s keys (same hash tag)."""
+    """Deferrals in Redis under the hash tag ``tag``: in the broker's Redis by default,
+    so that parked tasks are as durable as the queue's own messages."""
 
     _source = resources.files("taskthrottle").joinpath("lua/deferrals.lua").read_text()
 
@@ -72,21 +89,25 @@ class RedisDeferrals:
         self._park = [f"{tag}:park:due", f"{tag}:park:claimed", f"{tag}:park:items"]
 
     def _call(self, op: str, task_id: str | None, *args: Any) -> Any:
-        keys = [*self._park, f"{self.tag}:run:{task_id or ''}"]
+        keys = [*self._park, f"{self.tag}:run:{task_id or ''}", f"{self.tag}:park:epoch"]
         now = "" if self.clock is None else str(round(self.clock() * 1000))
-        return self._script(keys=keys, args=[now, op, *args])
+        try:
+            return self._script(keys=keys, args=[now, op, *args])
+        except Exception as exc:  # redis-py's errors, whichever client made them
+            raise StoreError(f"deferrals {op} failed: {exc}") from exc
 
     def park(self, task_id: str, due_in: float, payload: bytes) -> None:
         """See `Deferrals.park`."""
         self._call("park", task_id, task_id, round(due_in * 1000), RUN_KEY_TTL, payload)
 
-    def claim(self, lead: float, batch: int, hold: float) -> list[Parked]:
+    def claim(self, lead: float, batch: int, hold: float) -> Claim:
         """See `Deferrals.claim`."""
         reply = self._call("claim", None, round(lead * 1000), batch, round(hold * 1000))
-        return [
+        parked = [
             Parked(reply[i].decode(), int(reply[i + 1]) / 1000, reply[i + 2])
-            for i in range(0, len(reply), 3)
+            for i in range(2, len(reply), 3)
         ]
+        return Claim(parked, int(reply[1]), bool(reply[0]))
 
     def done(self, task_id: str) -> None:
         """See `Deferrals.done`."""
@@ -96,9 +117,49 @@ class RedisDeferrals:
         """See `Deferrals.expect`."""
         return bool(self._call("expect", task_id, task_id, token, RUN_KEY_TTL, prior or ""))
 
-    def begin(self, task_id: str, token: str | None) -> bool:
+    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
         """See `Deferrals.begin`."""
-        return bool(self._call("begin", task_id, task_id, token or ""))
+        return bool(self._call("begin", task_id, task_id, token or "", RUN_KEY_TTL, prior or ""))
+
+    def warn_if_volatile(self) -> None:
+        """Log one warning when this Redis can lose parked tasks: nothing kept on disk, or
+        an eviction policy that may drop them. Quiet when CONFIG is not allowed."""
+        try:
+            config = self.client.config_get("appendonly") | self.client.config_get("save")
+            config |= self.client.config_get("maxmemory-policy")
+        except Exception:  # an ACL without CONFIG, a managed Redis: nothing to tell
+            return
+        text = {str(k): str(v) for k, v in _decoded(config).items()}
+        where = _where(self.client)
+        if text.get("appendonly") == "no" and not text.get("save"):
+            log.warning(
+                "taskthrottle: parked tasks live in %s, which keeps nothing on disk "
+                "(appendonly no, save ''): a restart loses them; enable appendonly there, "
+                "or set park_url to a Redis that persists",
+                where,
+            )
+        if text.get("maxmemory-policy", "noeviction") != "noeviction":
+            log.warning(
+                "taskthrottle: parked tasks live in %s, whose maxmemory-policy %s may evict "
+                "them; set maxmemory-policy noeviction there, or set park_url to one that does",
+                where,
+                text["maxmemory-policy"],
+            )
+
+
+def _decoded(config: dict[Any, Any]) -> dict[Any, Any]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in config.items()
+    }
+
+
+def _where(client: Any) -> str:
+    """The address of a redis-py client's server, never its password."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']} db {kwargs.get('db', 0)}"
+    return f"redis at {kwargs.get('host', '?')}:{kwargs.get('port', '?')} db {kwargs.get('db', 0)}"
 
 
 class MemoryDeferrals:
@@ -120,7 +181,7 @@ class MemoryDeferrals:
             self._items[task_id] = (due, payload)
             self._run[task_id] = "parked"
 
-    def claim(self, lead: float, batch: int, hold: float) -> list[Parked]:
+    def claim(self, lead: float, batch: int, hold: float) -> Claim:
         """See `Deferrals.claim`."""
         with self._lock:
             now = self.clock()
@@ -133,7 +194,7 @@ class MemoryDeferrals:
                     due, payload = self._items[task_id]
                     self._claimed[task_id] = now + hold
                     out.append(Parked(task_id, max(0.0, due - now), payload))
-            return out
+            return Claim(out, len(self._items), intact=True)
 
     def done(self, task_id: str) -> None:
         """See `Deferrals.done`."""
@@ -150,38 +211,86 @@ class MemoryDeferrals:
             self._run[task_id] = token
             return True
 
-    def begin(self, task_id: str, token: str | None) -> bool:
+    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
         """See `Deferrals.begin`."""
         with self._lock:
             current = self._run.get(task_id)
             if token is None:
                 return current is None
-            if current is None or current == token:
+            if current == f"ran:{token}":
+                return True
+            if current in (None, token) or (prior and current in (prior, f"ran:{prior}")):
                 self._run[task_id] = f"ran:{token}"
                 return True
-            return current == f"ran:{token}"
+            return False
+
+
+class Releaser:
+    """Publishes parked tasks shortly before their turn, from one thread of a worker: with
+    ``publish(item, token)``, each copy with a fresh token, so that if a crashed releaser's
+    claim is taken over only one of the copies it may have left behind runs. Says once
+    when the store fails and once when it is back, and once at ERROR when parked tasks
+    vanished (the parking Redis restarted empty, was flushed, or evicted them)."""
+
+    def __init__(self, deferrals: Deferrals, lead: float) -> None:
+        self.deferrals = deferrals
+        self.lead = lead
+        self.remaining = 0
+        self.failing: set[str] = set()  # what is failing now: "claim", "publish"
+
+    def release(self, publish: Callable[[Parked, str], None]) -> int:
+        """Publish every parked task due within the lead; returns how many were published."""
+        try:
+            claim = self.deferrals.claim(self.lead, BATCH, HOLD)
+        except StoreError as exc:
+            self._failed("claim", f"cannot reach parked tasks ({exc})")
+            return 0
+        self._recovered("claim", "parked tasks are reachable again")
+        if not claim.intact and self.remaining:
+            log.error(
+                "taskthrottle: parked tasks vanished: %d were parked, the parking Redis now "
+                "has none of them (restarted empty, flushed or evicted); see docs/reliability.md",
+                self.remaining,
+            )
+        self.remaining = claim.remaining
+        published = 0
+        for item in claim.parked:
+            token = uuid.uuid4().hex
+            try:
+                if self.deferrals.expect(item.task_id, token):
+                    publish(item, token)
+                    published += 1
+            except Exception as exc:  # the broker is down, say: the claims lapse, then retry
+                self._failed("publish", f"could not publish parked task {item.task_id}: {exc!r}")
+                break
+            self._recovered("publish", "parked tasks are published again")
+            self.deferrals.done(item.task_id)
+        return published
+
+    def _failed(self, what: str, message: str) -> None:
+        if what not in self.failing:
+            log.error("taskthrottle: %s; will keep trying", message)
+            self.failing.add(what)
+
+    def _recovered(self, what: str, message: str) -> None:
+        if what in self.failing:
+            log.info("taskthrottle: %s", message)
+            self.failing.discard(what)
 
 
 def release_due(deferrals: Deferrals, lead: float, publish: Callable[[Parked, str], None]) -> int:
     """Publish (with ``publish(item, token)``) every parked task due within ``lead``
-    seconds; returns how many were published.
-
-    Each copy gets a fresh token, so that if a crashed releaser's claim is taken over,
-    only one of the copies it may have left behind runs.
-    """
-    published = 0
-    for item in deferrals.claim(lead, BATCH, HOLD):
-        token = uuid.uuid4().hex
-        if deferrals.expect(item.task_id, token):
-            publish(item, token)
-            published += 1
-        deferrals.done(item.task_id)
-    return published
+    seconds; returns how many were published. See `Releaser`."""
+    return Releaser(deferrals, lead).release(publish)
 
 
-def deferrals_for(store: Any) -> Deferrals:
-    """The deferrals that go with a limiter's store: in Redis beside a `RedisStore`."""
+def deferrals_for(store: Any, client: Any = None, namespace: str = "taskthrottle") -> Deferrals:
+    """The deferrals that go with a limiter's store: in ``client``'s Redis (the broker's)
+    under ``namespace``, else beside a `RedisStore`, else in this process's memory."""
     codec = getattr(store, "_codec", None)
+    clock = None if codec is None else codec.clock
+    if client is not None:
+        return RedisDeferrals(client, "{" + namespace + "}", clock)
     if codec is not None and hasattr(store, "client"):
         return RedisDeferrals(store.client, codec.tag, codec.clock)
     return MemoryDeferrals(getattr(store, "_clock", time.time))

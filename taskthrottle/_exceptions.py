@@ -2,6 +2,7 @@
 
 TaskThrottleError
 ├── Throttled                  the request must wait: carries retry_after and violations
+│   └── StoreUnavailable       the store failed and on_store_error is "defer"
 ├── StoreError                 the store (Redis) failed or answered nonsense
 ├── InvalidInput (ValueError)  bad arguments; nothing was changed
 │   └── RequestTooLarge        the request exceeds a limit's capacity and can never pass
@@ -39,6 +40,19 @@ class Throttled(TaskThrottleError):
         self.violations = violations
         names = ", ".join(f"{v.key!r}/{v.limit}" for v in violations)
         super().__init__(f"throttled by {names}; retry after {retry_after:.3f}s")
+
+
+class StoreUnavailable(Throttled):
+    """Raised instead of a decision while the store fails, under ``on_store_error="defer"``:
+    try again after ``retry_after`` seconds. It names no violations."""
+
+    def __init__(self, retry_after: float, cause: StoreError) -> None:
+        self.retry_after = retry_after
+        self.violations = ()
+        self.cause = cause
+        TaskThrottleError.__init__(
+            self, f"the store is unavailable ({cause}); retry after {retry_after:.3f}s"
+        )
 
 
 class StoreError(TaskThrottleError):

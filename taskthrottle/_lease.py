@@ -18,7 +18,7 @@ from taskthrottle._store import CONCURRENCY, AsyncStore, Entry, Store
 class _LeaseBase:
     """The entries a lease charged, with its net charge on each."""
 
-    __slots__ = ("_entries", "_steps", "granted_at", "id", "released")
+    __slots__ = ("_entries", "_pending", "_steps", "granted_at", "id", "released")
 
     def __init__(self, lease_id: str, entries: list[Entry], granted_at: float) -> None:
         #: The lease id; the store knows the lease's slots by it.
@@ -28,6 +28,8 @@ class _LeaseBase:
         self.released = False
         self._entries = entries
         self._steps = 0
+        #: The deltas of an adjust whose store call failed: a retry must send the same op.
+        self._pending: list[Entry] | None = None
 
     @property
     def consumed(self) -> dict[str, float]:
@@ -55,10 +57,25 @@ class _LeaseBase:
                     )
                     raise InvalidInput(msg)
                 out.append(e._replace(amount=delta))
-        self._steps += 1
-        return f"{self.id}:a{self._steps}", out
+        if not out:
+            return "", out
+        if self._pending is not None and out != self._pending:
+            msg = (
+                f"an adjust of lease {self.id} failed and may have been applied: retry it with "
+                f"the same amounts ({self._describe(self._pending)}), not {self._describe(out)}"
+            )
+            raise InvalidInput(msg)
+        self._pending = out
+        return f"{self.id}:a{self._steps + 1}", out
+
+    @staticmethod
+    def _describe(deltas: list[Entry]) -> str:
+        return ", ".join(f"{d.key}/{d.name}={d.amount / 1000:+g}" for d in deltas)
 
     def _apply(self, deltas: list[Entry]) -> None:
+        """Record an adjust the store applied: the next one is a new op."""
+        self._steps += 1
+        self._pending = None
         by_field = {(d.key, d.name): d.amount for d in deltas}
         self._entries = [
             e._replace(amount=e.amount + by_field.get((e.key, e.name), 0)) for e in self._entries

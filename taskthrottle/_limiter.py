@@ -8,10 +8,27 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from taskthrottle._algorithms import refill_time
-from taskthrottle._exceptions import InvalidInput, InvalidType, StoreError, Throttled, Violation
+from taskthrottle._exceptions import (
+    InvalidInput,
+    InvalidType,
+    StoreError,
+    StoreUnavailable,
+    Throttled,
+    Violation,
+)
 from taskthrottle._lease import AsyncLease, AsyncReservation, Lease, Reservation
 from taskthrottle._limits import Limit
 from taskthrottle._memory import MemoryStore
+from taskthrottle._outage import (
+    ASYNC_NO_STORE,
+    NO_STORE,
+    AsyncGuardedStore,
+    GuardedStore,
+    Outage,
+    Policy,
+    check_policy,
+    local_share_of,
+)
 from taskthrottle._plan import Consume, Target, check_key, entries, new_id
 from taskthrottle._store import BUCKET, QUOTA, AsyncStore, Entry, Outcome, Store
 
@@ -83,12 +100,46 @@ def _available(charged: list[Entry], levels: list[int]) -> dict[str, float]:
     return {e.name: level / 1000 for e, level in zip(charged, levels, strict=True)}
 
 
+def _offline(
+    limiter: Limiter | AsyncLimiter,
+    exc: StoreError,
+    lease_id: str,
+    charged: list[Entry],
+    max_wait_ms: int,
+    ttl_ms: int,
+) -> tuple[Outcome, MemoryStore | None]:
+    """What ``on_store_error`` makes of a request the store could not answer: its outcome,
+    and the store its lease settles with ("local": this process's; "allow": none)."""
+    if limiter.metrics is not None:
+        limiter.metrics.failed(exc)
+    policy, outage = limiter.on_store_error, limiter.outage
+    if policy == "allow":
+        outage.decided("allowed")
+        return Outcome(True, 0, round(time.time() * 1000)), None
+    if policy == "local":
+        outage.decided("decided locally")
+        if limiter._local is None:
+            limiter._local = MemoryStore()
+        shares = local_share_of(charged, limiter.local_share or 1.0)
+        outcome = limiter._local.acquire(lease_id, shares, max_wait_ms, ttl_ms)
+        _answer(outcome, charged, limiter.metrics)
+        return outcome, limiter._local
+    outage.decided("deferred")
+    raise StoreUnavailable(limiter.store_retry, exc) from exc
+
+
 class Limiter:
     """Grants leases over a store shared by every worker (or a `MemoryStore` for one process).
 
     ``lease_ttl`` (seconds) is how long a concurrency slot stays held if its
     holder dies without releasing it. ``metrics`` hears of every acquire and reservation
     (see `taskthrottle.metrics`).
+
+    ``on_store_error`` says what an acquire does while the store fails: "defer" raises
+    `StoreUnavailable` (a `Throttled`) with ``store_retry`` as its retry-after; "allow"
+    grants it uncounted; "local" decides in this process alone, with ``local_share`` of
+    each limit. A failed store is probed again once a second, not on every call, and is
+    used again as soon as it answers.
     """
 
     def __init__(
@@ -97,23 +148,44 @@ class Limiter:
         *,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         metrics: Metrics | None = None,
+        on_store_error: Policy = "defer",
+        store_retry: float = 5.0,
+        local_share: float | None = None,
     ) -> None:
         self.store: Store = MemoryStore() if store is None else store
         self._ttl_ms = _seconds(lease_ttl, "lease_ttl")
         self.metrics = metrics
+        self.on_store_error = check_policy(on_store_error, local_share)
+        self.store_retry = _seconds(store_retry, "store_retry") / 1000
+        self.local_share = local_share
+        self.outage = Outage()
+        self._guarded = GuardedStore(self.store, self.outage, lambda: self.on_store_error)
+        self._local: MemoryStore | None = None
 
     def _charge(
         self, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
-    ) -> Outcome:
-        """The store's grant, or `Throttled`."""
-        try:
-            outcome = self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
-        except StoreError as exc:
-            if self.metrics is not None:
-                self.metrics.failed(exc)
-            raise
-        _answer(outcome, charged, self.metrics)
-        return outcome
+    ) -> tuple[Outcome, Store]:
+        """The store's grant and the store its lease settles with, or `Throttled`."""
+        outage = self.outage
+        if outage.since is None or outage.may_call():
+            try:
+                outcome = self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
+            except StoreError as exc:
+                outage.failed(exc, self.on_store_error)
+                return self._without_store(exc, lease_id, charged, max_wait_ms, ttl_ms)
+            if outage.since is not None:
+                outage.answered()
+            _answer(outcome, charged, self.metrics)
+            return outcome, self._guarded
+        down = StoreError(f"the store is unavailable (for {outage.down_for():.1f} s)")
+        return self._without_store(down, lease_id, charged, max_wait_ms, ttl_ms)
+
+    def _without_store(
+        self, exc: StoreError, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
+    ) -> tuple[Outcome, Store]:
+        """See `_offline`."""
+        outcome, local = _offline(self, exc, lease_id, charged, max_wait_ms, ttl_ms)
+        return outcome, NO_STORE if local is None else local
 
     def acquire(
         self,
@@ -131,8 +203,8 @@ class Limiter:
         key that carries it. Repeating a ``lease_id`` returns the same grant.
         """
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = self._charge(lease_id, charged, 0, ttl_ms)
-        return Lease(self.store, lease_id, charged, outcome.now_ms / 1000)
+        outcome, store = self._charge(lease_id, charged, 0, ttl_ms)
+        return Lease(store, lease_id, charged, outcome.now_ms / 1000)
 
     def reserve(
         self,
@@ -151,10 +223,8 @@ class Limiter:
         """
         max_wait_ms = _seconds(max_wait, "max_wait", allow_zero=True)
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = self._charge(lease_id, charged, max_wait_ms, ttl_ms)
-        return Reservation(
-            self.store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000
-        )
+        outcome, store = self._charge(lease_id, charged, max_wait_ms, ttl_ms)
+        return Reservation(store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000)
 
     def restore(
         self,
@@ -165,12 +235,12 @@ class Limiter:
     ) -> Lease:
         """The lease of an earlier grant or reservation, rebuilt from the same request (in
         the process that runs the task, say); charges nothing."""
-        return Lease(self.store, check_key(lease_id), entries(target, limits, consume))
+        return Lease(self._guarded, check_key(lease_id), entries(target, limits, consume))
 
     def available(self, key: str, limits: Sequence[Limit]) -> dict[str, float]:
         """What each limit could grant now (negative when in debt); changes nothing."""
         charged = entries(key, limits, None, default=0)
-        return _available(charged, self.store.peek(charged))
+        return _available(charged, self._guarded.peek(charged))
 
     def wait_time(
         self, target: Target, limits: Sequence[Limit] | None = None, consume: Consume | None = None
@@ -182,11 +252,11 @@ class Limiter:
         longest its holders can keep their slots.
         """
         charged = entries(target, limits, consume)
-        return _wait(charged, self.store.peek(charged), self._ttl_ms)
+        return _wait(charged, self._guarded.peek(charged), self._ttl_ms)
 
     def reset(self, key: str) -> None:
         """Make every limit under ``key`` full again (and forget its slots)."""
-        self.store.reset(check_key(key))
+        self._guarded.reset(check_key(key))
 
 
 class _AsyncOverSync:
@@ -208,6 +278,9 @@ class _AsyncOverSync:
     async def peek(self, entries: Sequence[Entry]) -> list[int]:
         return self.store.peek(entries)
 
+    async def renew(self, leases: Sequence[tuple[str, Sequence[Entry]]], ttl_ms: int) -> list[bool]:
+        return self.store.renew(leases, ttl_ms)
+
     async def reset(self, key: str) -> None:
         self.store.reset(key)
 
@@ -221,6 +294,9 @@ class AsyncLimiter:
         *,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         metrics: Metrics | None = None,
+        on_store_error: Policy = "defer",
+        store_retry: float = 5.0,
+        local_share: float | None = None,
     ) -> None:
         self._ttl_ms = _seconds(lease_ttl, "lease_ttl")
         if store is None or isinstance(store, MemoryStore):
@@ -228,19 +304,37 @@ class AsyncLimiter:
         else:
             self.store = store
         self.metrics = metrics
+        self.on_store_error = check_policy(on_store_error, local_share)
+        self.store_retry = _seconds(store_retry, "store_retry") / 1000
+        self.local_share = local_share
+        self.outage = Outage()
+        self._guarded = AsyncGuardedStore(self.store, self.outage, lambda: self.on_store_error)
+        self._local: MemoryStore | None = None
 
     async def _charge(
         self, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
-    ) -> Outcome:
+    ) -> tuple[Outcome, AsyncStore]:
         """See `Limiter._charge`."""
-        try:
-            outcome = await self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
-        except StoreError as exc:
-            if self.metrics is not None:
-                self.metrics.failed(exc)
-            raise
-        _answer(outcome, charged, self.metrics)
-        return outcome
+        outage = self.outage
+        if outage.since is None or outage.may_call():
+            try:
+                outcome = await self.store.acquire(lease_id, charged, max_wait_ms, ttl_ms)
+            except StoreError as exc:
+                outage.failed(exc, self.on_store_error)
+                return await self._without_store(exc, lease_id, charged, max_wait_ms, ttl_ms)
+            if outage.since is not None:
+                outage.answered()
+            _answer(outcome, charged, self.metrics)
+            return outcome, self._guarded
+        down = StoreError(f"the store is unavailable (for {outage.down_for():.1f} s)")
+        return await self._without_store(down, lease_id, charged, max_wait_ms, ttl_ms)
+
+    async def _without_store(
+        self, exc: StoreError, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
+    ) -> tuple[Outcome, AsyncStore]:
+        """See `_offline`."""
+        outcome, local = _offline(self, exc, lease_id, charged, max_wait_ms, ttl_ms)
+        return outcome, ASYNC_NO_STORE if local is None else _AsyncOverSync(local)
 
     async def acquire(
         self,
@@ -253,8 +347,8 @@ class AsyncLimiter:
     ) -> AsyncLease:
         """See `Limiter.acquire`."""
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = await self._charge(lease_id, charged, 0, ttl_ms)
-        return AsyncLease(self.store, lease_id, charged, outcome.now_ms / 1000)
+        outcome, store = await self._charge(lease_id, charged, 0, ttl_ms)
+        return AsyncLease(store, lease_id, charged, outcome.now_ms / 1000)
 
     async def reserve(
         self,
@@ -269,16 +363,33 @@ class AsyncLimiter:
         """See `Limiter.reserve`."""
         max_wait_ms = _seconds(max_wait, "max_wait", allow_zero=True)
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
-        outcome = await self._charge(lease_id, charged, max_wait_ms, ttl_ms)
+        outcome, store = await self._charge(lease_id, charged, max_wait_ms, ttl_ms)
         return AsyncReservation(
-            self.store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000
+            store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000
         )
+
+    def restore(
+        self,
+        lease_id: str,
+        target: Target,
+        limits: Sequence[Limit] | None = None,
+        consume: Consume | None = None,
+    ) -> AsyncLease:
+        """See `Limiter.restore`."""
+        return AsyncLease(self._guarded, check_key(lease_id), entries(target, limits, consume))
 
     async def available(self, key: str, limits: Sequence[Limit]) -> dict[str, float]:
         """See `Limiter.available`."""
         charged = entries(key, limits, None, default=0)
-        return _available(charged, await self.store.peek(charged))
+        return _available(charged, await self._guarded.peek(charged))
+
+    async def wait_time(
+        self, target: Target, limits: Sequence[Limit] | None = None, consume: Consume | None = None
+    ) -> float:
+        """See `Limiter.wait_time`."""
+        charged = entries(target, limits, consume)
+        return _wait(charged, await self._guarded.peek(charged), self._ttl_ms)
 
     async def reset(self, key: str) -> None:
         """See `Limiter.reset`."""
-        await self.store.reset(check_key(key))
+        await self._guarded.reset(check_key(key))

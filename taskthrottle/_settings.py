@@ -6,14 +6,16 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from taskthrottle._deferrals import Deferrals, deferrals_for
-from taskthrottle._exceptions import InvalidInput, StoreError, Throttled
+from taskthrottle._exceptions import InvalidInput, StoreError, StoreUnavailable, Throttled
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
+from taskthrottle._outage import POLICIES, check_policy
 from taskthrottle._throttle import Request, Throttle, throttled, throttles_of
 
 log = logging.getLogger("taskthrottle")
@@ -21,7 +23,7 @@ log = logging.getLogger("taskthrottle")
 _CHOICES = {
     "on_failure": ("keep", "refund"),
     "eager": ("wait", "bypass"),
-    "on_store_error": ("defer", "allow"),
+    "on_store_error": (None, *POLICIES),
 }
 
 
@@ -44,10 +46,15 @@ class Settings:
     on_failure: str = "keep"
     #: In eager mode (``task_always_eager``, ``.apply()``): "wait" inline or "bypass".
     eager: str = "wait"
-    #: When the store fails: "defer" the task (by ``store_retry`` seconds) or "allow" it.
-    on_store_error: str = "defer"
+    #: When the store fails: "defer" the task (by ``store_retry`` seconds), "allow" it, or
+    #: decide "local"ly with ``local_share`` of each limit; None keeps the limiter's own.
+    on_store_error: str | None = None
     #: Seconds to defer a task by when the store failed.
     store_retry: float = 5.0
+    #: Under ``on_store_error="local"``: the part of each limit one worker process takes.
+    local_share: float | None = None
+    #: A copy that comes back this many seconds past its booked turn books again.
+    late_after: float = 1.0
     #: At most this many seconds between tries for a full concurrency limit: a slot is
     #: usually freed long before its holder's lease could expire.
     slot_poll: float = 1.0
@@ -55,6 +62,9 @@ class Settings:
     default: Mapping[str, Any] | None = None
     #: Where a limiter is built from when ``install`` is given none.
     redis_url: str | None = None
+    #: The Redis parked tasks live in; by default the broker's when it is Redis, else the
+    #: limiter's store.
+    park_url: str | None = None
     namespace: str = "taskthrottle"
 
     def __post_init__(self) -> None:
@@ -63,12 +73,14 @@ class Settings:
                 msg = f"taskthrottle {name} must be one of {allowed}, got {getattr(self, name)!r}"
                 raise InvalidInput(msg)
         numbers = ("horizon", "jitter", "park_after", "park_lead", "park_poll", "store_retry")
-        for name in (*numbers, "slot_poll"):
+        for name in (*numbers, "slot_poll", "late_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidInput(f"taskthrottle {name} must be a number, got {value!r}")
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"taskthrottle {name} must be finite and >= 0, got {value!r}")
+        if self.on_store_error is not None:
+            check_policy(self.on_store_error, self.local_share)
         if self.park_poll <= 0:
             raise InvalidInput(f"taskthrottle park_poll must be above 0, got {self.park_poll!r}")
 
@@ -85,35 +97,64 @@ class Settings:
 
 
 class State:
-    """What one integration holds: settings, and a limiter made once per process."""
+    """What one integration holds: settings, and a limiter and deferrals made once per
+    process. ``parking`` makes the Redis client that parked tasks live in (the broker's,
+    where the broker is Redis); None parks them beside the limiter's state."""
 
-    def __init__(self, settings: Settings, limiter: Limiter | Callable[[], Limiter] | None):
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: Limiter | Callable[[], Limiter] | None,
+        parking: Callable[[], Any] | None = None,
+    ):
         self.settings = settings
         self._source = limiter
-        self._limiter: Limiter | None = limiter if isinstance(limiter, Limiter) else None
+        self._limiter: Limiter | None = None
+        self._parking = parking
         self._deferrals: Deferrals | None = None
         self.default: tuple[Throttle, ...] = ()
         if settings.default:
             self.default = throttles_of(throttled(**settings.default)(lambda: None))
+        if isinstance(limiter, Limiter):
+            self._limiter = self._configure(limiter)
 
     def limiter(self) -> Limiter:
         """This process's limiter, made on first use (so after a prefork worker forks)."""
         if self._limiter is None:
             if callable(self._source):
-                self._limiter = self._source()
+                made = self._source()
             elif self.settings.redis_url:
                 from taskthrottle._redis import RedisStore
 
                 url, ns = self.settings.redis_url, self.settings.namespace
-                self._limiter = Limiter(RedisStore.from_url(url, namespace=ns))
+                made = Limiter(RedisStore.from_url(url, namespace=ns))
             else:
-                self._limiter = Limiter()
+                made = Limiter()
+            self._limiter = self._configure(made)
         return self._limiter
 
+    def _configure(self, limiter: Limiter) -> Limiter:
+        """The integration's store-failure settings, passed on to the limiter."""
+        settings = self.settings
+        if settings.on_store_error is not None:
+            limiter.on_store_error = check_policy(settings.on_store_error, settings.local_share)
+            limiter.local_share = settings.local_share
+            limiter.store_retry = settings.store_retry
+        return limiter
+
+    def parking_unset(self) -> bool:
+        """True until an integration said where to park (before the first deferral)."""
+        return self._parking is None and self._deferrals is None
+
+    def park_with(self, parking: Callable[[], Any]) -> None:
+        """Where parked tasks live, as `State` takes it; before the first deferral."""
+        self._parking = parking
+
     def deferrals(self) -> Deferrals:
-        """Parking and run tokens, kept beside the limiter's state."""
+        """Parking and run tokens: in the broker's Redis when ``parking`` gives one."""
         if self._deferrals is None:
-            self._deferrals = deferrals_for(self.limiter().store)
+            client = None if self._parking is None else self._parking()
+            self._deferrals = deferrals_for(self.limiter().store, client, self.settings.namespace)
         return self._deferrals
 
 
@@ -135,45 +176,63 @@ def retry_wait(exc: Throttled, ask: Request, settings: Settings) -> float:
 
 class Defer(NamedTuple):
     """A delivery that must wait: hand the task back in ``wait`` seconds, carrying ``meta``
-    (deferrals so far, and the reservation it holds, if any)."""
+    (the attempt, deferrals so far, and the reservation it holds, if any). ``offline``: the
+    store failed, so the task goes back through the broker alone."""
 
     meta: dict[str, Any]
     wait: float
+    offline: bool = False
 
 
 def book_turn(
-    state: State, ask: Request, message_id: str, meta: Mapping[str, Any]
-) -> Lease | Defer | None:
-    """What one delivery of a throttled task does: run now under a `Lease`, wait (`Defer`),
-    or run unthrottled (None: the store failed and ``on_store_error`` is "allow")."""
+    state: State, ask: Request, message_id: str, meta: Mapping[str, Any], attempt: int
+) -> Lease | Defer:
+    """What one delivery of a throttled task does: run now under a `Lease`, or wait
+    (`Defer`). ``attempt`` counts the task's retries: each pays again."""
     limiter, settings = state.limiter(), state.settings
-    if meta.get("lease"):  # a copy handed back for its booked turn: charge nothing again
-        return limiter.restore(meta["lease"], ask.target, consume=ask.consume)
+    if meta.get("attempt", 0) != attempt:  # a retry carries the headers of the attempt before
+        meta = {}
     generation = int(meta.get("gen", 0))
-    lease_id = f"{message_id}:{generation}"
+    booked = meta.get("lease")
+    if booked:  # a copy handed back for its booked turn: charge nothing again
+        lease = limiter.restore(booked, ask.target, consume=ask.consume)
+        if time.time() - float(meta.get("due", 0)) <= settings.late_after:
+            return lease
+        give_back(lease)  # far past its turn: it would start with every other late copy
+    again = {"gen": generation + 1, "attempt": attempt}
+    lease_id = f"{message_id}:{attempt}:{generation}"
     try:
-        booked = limiter.reserve(
+        reservation = limiter.reserve(
             ask.target, consume=ask.consume, max_wait=settings.horizon, lease_id=lease_id
         )
+    except StoreUnavailable as exc:
+        return Defer(again, exc.retry_after, offline=True)
     except Throttled as exc:
-        return Defer({"gen": generation + 1}, retry_wait(exc, ask, settings))
-    except StoreError:
-        log.exception("taskthrottle: the store failed for %s", message_id)
-        if settings.on_store_error == "allow":
-            return None
-        return Defer({"gen": generation + 1}, settings.store_retry)
-    if booked.delay <= 0:
-        return booked.redeem()
-    return Defer({"gen": generation + 1, "lease": lease_id}, booked.delay)
+        return Defer(again, retry_wait(exc, ask, settings))
+    if reservation.delay <= 0:
+        return reservation.redeem()
+    due = time.time() + reservation.delay
+    return Defer({**again, "lease": lease_id, "due": due}, reservation.delay)
+
+
+def give_back(lease: Lease) -> None:
+    """Refund a booked turn that was not used, and free its slots; best effort."""
+    try:
+        spent = {name: -amount for name, amount in lease.consumed.items() if amount}
+        if spent:
+            lease.adjust(**spent)
+        lease.release()
+    except StoreError as exc:
+        log.debug("taskthrottle: could not give back lease %s: %s", lease.id, exc)
 
 
 def settle(lease: Lease, settings: Settings, *, failed: bool) -> None:
-    """After the body, whatever happened: refund on failure if asked, and free the slots."""
+    """After the body, whatever happened: refund on failure if asked, and free the slots.
+    A store that fails here was logged as an outage; the slots then expire by their TTL."""
+    if failed and settings.on_failure == "refund":
+        give_back(lease)
+        return
     try:
-        if failed and settings.on_failure == "refund":
-            spent = {name: -amount for name, amount in lease.consumed.items() if amount}
-            if spent:
-                lease.adjust(**spent)
         lease.release()
-    except StoreError:
-        log.exception("taskthrottle: could not settle lease %s; its slots expire by TTL", lease.id)
+    except StoreError as exc:
+        log.debug("taskthrottle: could not release lease %s: %s", lease.id, exc)

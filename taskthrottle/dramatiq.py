@@ -14,15 +14,15 @@ never counted against ``max_retries``. The copy carries its reservation in the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from taskthrottle._deferrals import Parked
-from taskthrottle._deferrals import release_due as release
+from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser
 from taskthrottle._exceptions import InvalidInput, StoreError, require
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
@@ -139,46 +139,66 @@ class ThrottleMiddleware(Middleware):
         if self._releaser is not None:
             self._releaser.join(timeout=10)
 
-    def _admit(self, broker: Any, message: Any, ask: Request) -> Lease | None:
+    def _admit(self, broker: Any, message: Any, ask: Request) -> Lease:
+        self._bind(broker)
         meta = dict(message.options.get(OPTION) or {})
         token = meta.get("token")
-        if token and not self._begin(message.message_id, token):
+        if token and not self._begin(message.message_id, token, meta.get("prior")):
             log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)
             raise SkipMessage("taskthrottle: stale copy")
-        turn = book_turn(self.state, ask, message.message_id, meta)
+        attempt = int(message.options.get("retries") or 0)
+        turn = book_turn(self.state, ask, message.message_id, meta, attempt)
         if isinstance(turn, Defer):
-            return self._defer(broker, message, turn.meta, turn.wait)
+            self._defer(broker, message, turn)
         return turn
 
-    def _begin(self, message_id: str, token: str) -> bool:
+    def _bind(self, broker: Any) -> None:
+        """Park in the broker's Redis, when the broker is Redis (and no park_url is set)."""
+        if self.state.parking_unset():
+            self.state.park_with(lambda: _parking_client(broker, self.state.settings))
+
+    def _begin(self, message_id: str, token: str, prior: str | None) -> bool:
         try:
-            return self.state.deferrals().begin(message_id, token)
+            return self.state.deferrals().begin(message_id, token, prior)
         except StoreError:
             return True  # cannot tell: at-least-once beats losing the message
 
-    def _defer(self, broker: Any, message: Any, meta: dict[str, Any], wait: float) -> Lease | None:
-        """Enqueue a copy for ``wait`` seconds from now (or park it), then skip this one."""
-        # Stamped with its turn: AgeLimit should not count the time spent waiting for it.
-        turn = int((time.time() + wait) * 1000)
-        parking = wait > self.state.settings.park_after
-        token = None if parking else uuid.uuid4().hex  # a parked copy gets one on release
-        if token:
-            meta = {**meta, "token": token}
-        copy = message.copy(options={**message.options, OPTION: meta}, message_timestamp=turn)
-        deferrals = self.state.deferrals()
-        try:
-            if token is None:
-                deferrals.park(message.message_id, wait, copy.encode())
-            else:
-                broker.enqueue(copy, delay=max(1, round(wait * 1000)))
-                prior = (message.options.get(OPTION) or {}).get("token")
-                deferrals.expect(message.message_id, token, prior=prior)
-        except Exception as exc:
-            raise DeferFailed(f"could not defer message {message.message_id}: {exc}") from exc
+    def _defer(self, broker: Any, message: Any, turn: Defer) -> NoReturn:
+        """Enqueue a copy for ``turn.wait`` seconds from now (or park it), then skip this one.
+
+        The copy keeps the message's timestamp, so that ``max_age`` counts from when it was
+        first sent, as without throttling. A copy made while the store fails goes through
+        the broker alone, carrying the token of the delivery that made it.
+        """
+        prior = (message.options.get(OPTION) or {}).get("token")
+        meta = {**turn.meta, "token": uuid.uuid4().hex, "prior": prior}
+        if turn.offline:
+            meta["due"] = time.time() + turn.wait
+        copy = message.copy(options={**message.options, OPTION: meta})
+        if turn.offline or turn.wait <= self.state.settings.park_after or not self._park(copy):
+            try:
+                broker.enqueue(copy, delay=max(1, round(turn.wait * 1000)))
+            except Exception as exc:
+                raise DeferFailed(f"could not defer message {message.message_id}: {exc}") from exc
+            if not turn.offline:
+                with contextlib.suppress(StoreError):
+                    self.state.deferrals().expect(message.message_id, meta["token"], prior=prior)
         # With the Results middleware a skipped message would store None under the same
         # message id, and a caller waiting for the result would get it before the copy ran.
         message.options["store_results"] = False
-        raise SkipMessage("taskthrottle: deferred to its turn")  # never returns a lease
+        raise SkipMessage("taskthrottle: deferred to its turn")
+
+    def _park(self, copy: Any) -> bool:
+        """Park ``copy`` until its turn (released with a token of its own); False if
+        parking failed."""
+        meta = {k: v for k, v in copy.options[OPTION].items() if k != "token"}
+        parked = copy.copy(options={**copy.options, OPTION: meta})
+        wait = max(0.0, float(meta.get("due", time.time())) - time.time())
+        try:
+            self.state.deferrals().park(copy.message_id, wait, parked.encode())
+        except StoreError:
+            return False
+        return True
 
     def _settle(self, message: Any, *, failed: bool) -> None:
         held = self._held.pop(message.message_id, None)
@@ -189,14 +209,22 @@ class ThrottleMiddleware(Middleware):
         settle(lease, self.state.settings, failed=failed)
 
     def _release_loop(self, broker: Any) -> None:
-        while not self._stopping.wait(self.state.settings.park_poll):
+        self._bind(broker)
+        state = self.state
+        deferrals = state.deferrals()
+        if isinstance(deferrals, RedisDeferrals):
+            deferrals.warn_if_volatile()
+        releaser = Releaser(deferrals, state.settings.park_lead)
+        while not self._stopping.wait(state.settings.park_poll):
             try:
-                release_due(self, broker)
-            except Exception:
+                release_due(self, broker, releaser)
+            except Exception:  # a bug: say so, and keep releasing
                 log.exception("taskthrottle: releasing parked messages failed; will try again")
 
 
-def release_due(middleware: ThrottleMiddleware, broker: Any) -> int:
+def release_due(
+    middleware: ThrottleMiddleware, broker: Any, releaser: Releaser | None = None
+) -> int:
     """Enqueue every parked message due within the lead; returns how many."""
 
     def publish(item: Parked, token: str) -> None:
@@ -205,8 +233,23 @@ def release_due(middleware: ThrottleMiddleware, broker: Any) -> int:
         delay = round(item.due_in * 1000)
         broker.enqueue(parked.copy(options=options), delay=delay if delay > 0 else None)
 
-    state = middleware.state
-    return release(state.deferrals(), state.settings.park_lead, publish)
+    if releaser is None:
+        state = middleware.state
+        releaser = Releaser(state.deferrals(), state.settings.park_lead)
+    return releaser.release(publish)
+
+
+def _parking_client(broker: Any, settings: Settings) -> Any:
+    """The Redis client parked messages live in: ``park_url``, else the broker's when it is
+    a RedisBroker (None: park beside the limiter's state)."""
+    if settings.park_url is not None:
+        import redis
+
+        return redis.Redis.from_url(
+            settings.park_url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+    client = getattr(broker, "client", None)
+    return client if type(client).__module__.startswith("redis") else None
 
 
 def _throttles_of(actor: Any) -> tuple[Throttle, ...]:

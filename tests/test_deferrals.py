@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskthrottle._deferrals import Deferrals, MemoryDeferrals, RedisDeferrals
+from taskthrottle._deferrals import Deferrals, MemoryDeferrals, RedisDeferrals, Releaser
 from taskthrottle.testing import ManualClock
 
 
@@ -26,9 +26,9 @@ def test_parked_tasks_come_out_in_due_order_within_the_lead(
     deferrals.park("b", 30, b"second")
     deferrals.park("a", 10, b"first")
     deferrals.park("c", 100, b"third")
-    assert deferrals.claim(lead=2, batch=10, hold=30) == []
+    assert deferrals.claim(lead=2, batch=10, hold=30).parked == []
     clock.advance(25)
-    claimed = deferrals.claim(lead=6, batch=10, hold=30)
+    claimed = deferrals.claim(lead=6, batch=10, hold=30).parked
     assert [(p.task_id, p.due_in, p.payload) for p in claimed] == [
         ("a", 0.0, b"first"),
         ("b", 5.0, b"second"),
@@ -36,17 +36,17 @@ def test_parked_tasks_come_out_in_due_order_within_the_lead(
     for parked in claimed:
         deferrals.done(parked.task_id)
     clock.advance(100)
-    assert [p.task_id for p in deferrals.claim(lead=0, batch=10, hold=30)] == ["c"]
+    assert [p.task_id for p in deferrals.claim(lead=0, batch=10, hold=30).parked] == ["c"]
 
 
 def test_a_crashed_claim_is_taken_over(deferrals: Deferrals, clock: ManualClock) -> None:
     """A claim never marked done is claimed again after its hold: parked tasks survive."""
     deferrals.park("a", 1, b"x")
     clock.advance(1)
-    assert len(deferrals.claim(lead=0, batch=10, hold=30)) == 1
-    assert deferrals.claim(lead=0, batch=10, hold=30) == []  # held by the first claimer
+    assert len(deferrals.claim(lead=0, batch=10, hold=30).parked) == 1
+    assert deferrals.claim(lead=0, batch=10, hold=30).parked == []  # held by the first claimer
     clock.advance(31)
-    assert [p.task_id for p in deferrals.claim(lead=0, batch=10, hold=30)] == ["a"]
+    assert [p.task_id for p in deferrals.claim(lead=0, batch=10, hold=30).parked] == ["a"]
 
 
 def test_the_batch_bounds_a_claim(deferrals: Deferrals, clock: ManualClock) -> None:
@@ -54,8 +54,8 @@ def test_the_batch_bounds_a_claim(deferrals: Deferrals, clock: ManualClock) -> N
     for i in range(5):
         deferrals.park(f"t{i}", 1, b"x")
     clock.advance(1)
-    assert len(deferrals.claim(lead=0, batch=3, hold=30)) == 3
-    assert len(deferrals.claim(lead=0, batch=3, hold=30)) == 2
+    assert len(deferrals.claim(lead=0, batch=3, hold=30).parked) == 3
+    assert len(deferrals.claim(lead=0, batch=3, hold=30).parked) == 2
 
 
 def test_only_the_expected_copy_runs(deferrals: Deferrals) -> None:
@@ -87,3 +87,61 @@ def test_a_copy_may_hand_itself_back_again(deferrals: Deferrals) -> None:
     assert not deferrals.begin("t", "one")
     assert deferrals.begin("t", "two")
     assert not deferrals.expect("t", "three", prior="one")  # not the one that ran last
+
+
+def test_a_copy_published_while_the_store_failed_may_run(deferrals: Deferrals) -> None:
+    """A copy whose deferral the store could not record carries the token of the copy that
+    made it: it runs, once, and so does nothing else."""
+    assert deferrals.expect("t", "one")
+    assert deferrals.begin("t", "one")  # this copy is refused again; the store is down
+    assert deferrals.begin("t", "two", prior="one")  # its copy, never expected
+    assert not deferrals.begin("t", "three", prior="one")  # a second such copy
+    assert deferrals.begin("t", "two", prior="one")  # the same copy redelivered
+
+
+def test_a_claim_counts_what_is_parked(deferrals: Deferrals, clock: ManualClock) -> None:
+    """A claim says how many tasks remain parked or claimed, and that nothing vanished."""
+    deferrals.park("a", 1, b"x")
+    deferrals.park("b", 60, b"y")
+    clock.advance(1)
+    claim = deferrals.claim(lead=0, batch=10, hold=30)
+    assert ([p.task_id for p in claim.parked], claim.remaining, claim.intact) == (["a"], 2, True)
+    deferrals.done("a")
+    assert deferrals.claim(lead=0, batch=10, hold=30).remaining == 1
+
+
+def test_vanished_parked_tasks_are_reported_once(
+    redis_url: str, namespace: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the parking keys disappear (a restart, FLUSHALL, eviction), the releaser says so
+    once at ERROR, with how many tasks it last knew were parked."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deferrals = RedisDeferrals(client, "{" + namespace + "}", clock)
+    for i in range(3):
+        deferrals.park(f"t{i}", 60, b"x")
+    releaser = Releaser(deferrals, lead=0)
+    assert releaser.release(lambda item, token: None) == 0
+    client.delete(*client.keys("{" + namespace + "}:park:*"))  # our keys only
+    with caplog.at_level("ERROR", logger="taskthrottle"):
+        releaser.release(lambda item, token: None)
+        releaser.release(lambda item, token: None)
+    vanished = [r.getMessage() for r in caplog.records if "vanished" in r.getMessage()]
+    assert len(vanished) == 1 and "3 were parked" in vanished[0]
+
+
+def test_every_parking_key_expires(redis_url: str, namespace: str, clock: ManualClock) -> None:
+    """Parked tasks, claims, run keys and the epoch all carry a TTL."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deferrals = RedisDeferrals(client, "{" + namespace + "}", clock)
+    deferrals.park("a", 1, b"x")
+    deferrals.park("b", 60, b"y")
+    clock.advance(1)
+    assert deferrals.claim(lead=0, batch=10, hold=30).parked
+    deferrals.begin("c", "tok", prior="gone")  # a run key made by begin alone
+    keys = client.keys("{" + namespace + "}:*")
+    assert len(keys) >= 6
+    assert all(client.pttl(key) > 0 for key in keys), {k: client.pttl(k) for k in keys}

@@ -17,6 +17,7 @@ from taskthrottle import (
     Limiter,
     RedisStore,
     StoreError,
+    StoreUnavailable,
     Throttled,
 )
 from taskthrottle._store import Store
@@ -60,8 +61,9 @@ def test_a_failing_store_is_counted() -> None:
     registry = CollectorRegistry()
     store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=0, connect_timeout=0.5)
     limiter = Limiter(store, metrics=PrometheusMetrics(registry))
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreUnavailable) as caught:
         limiter.acquire("k", [rpm])
+    assert isinstance(caught.value.cause, StoreError)
     assert sample(registry, "taskthrottle_requests_total", outcome="failed") == 1
 
 

@@ -24,7 +24,7 @@ from taskthrottle._limiter import Limiter  # noqa: E402
 from taskthrottle._settings import Settings, State  # noqa: E402
 from taskthrottle._throttle import plan, throttles_of  # noqa: E402
 from taskthrottle.celery._gate import HEADER, ThrottledTask, gated_call, state_of  # noqa: E402
-from taskthrottle.celery._release import Releaser, release_due  # noqa: E402
+from taskthrottle.celery._release import ReleaseStep, release_due  # noqa: E402
 
 __all__ = [
     "HEADER",
@@ -38,21 +38,52 @@ __all__ = [
 
 
 def install(
-    app: Celery, limiter: Limiter | Callable[[], Limiter] | None = None, **settings: Any
+    app: Celery, limiter: Limiter | Callable[[], Limiter] | str | None = None, **settings: Any
 ) -> None:
     """Enforce ``@throttled`` on the tasks of ``app``.
 
     ``limiter`` is a `Limiter` (shared by every worker when its store is Redis), a
-    factory called once per worker process, or None to build one from
-    ``app.conf.taskthrottle_redis_url`` (a `MemoryStore` when that is unset).
-    ``settings`` override the `Settings` read from ``app.conf``.
+    factory called once per worker process, the URL of the Redis to keep the limits in,
+    or None to build one from ``app.conf.taskthrottle_redis_url`` (a `MemoryStore` when
+    that is unset). ``settings`` override the `Settings` read from ``app.conf``.
+
+    Parked tasks live in the broker's Redis when the broker is Redis (so they are as
+    durable as the queue), else beside the limits; ``park_url`` names another Redis.
     """
-    app.taskthrottle = State(Settings.from_conf(app.conf, **settings), limiter)
+    if isinstance(limiter, str):
+        settings = {**settings, "redis_url": limiter}
+        limiter = None
+    conf = Settings.from_conf(app.conf, **settings)
+    if conf.redis_url and limiter is None:
+        _check_url(conf.redis_url)
+    app.taskthrottle = State(conf, limiter, parking=lambda: parking_client(app, conf))
     app.Task = type("Task", (ThrottledTask, app.Task), {})  # the base of tasks made from now on
-    app.steps["worker"].add(Releaser)
+    app.steps["worker"].add(ReleaseStep)
     app.on_after_finalize.connect(_upgrade_tasks, weak=False, dispatch_uid="taskthrottle")
     if app.finalized:
         _upgrade_tasks(app)
+
+
+def _check_url(url: str) -> None:
+    """Refuse a Redis URL redis-py cannot use, now rather than in every worker."""
+    from taskthrottle._redis import RedisStore
+
+    RedisStore.from_url(url)  # connects lazily: this only parses
+
+
+def parking_client(app: Celery, settings: Settings) -> Any:
+    """The Redis client parked tasks live in: ``park_url``, else the broker's when it is
+    Redis (None: park beside the limiter's state)."""
+    url = settings.park_url
+    if url is None:
+        broker = app.conf.broker_url or ""
+        first = (broker[0] if isinstance(broker, list) else broker).split(";")[0].strip()
+        if not first.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        url = first
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
 
 def _upgrade_tasks(sender: Celery, **_: Any) -> None:

@@ -10,12 +10,13 @@ finds its reservation in a header and runs without acquiring again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from typing import Any
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, Reject
 from kombu.serialization import dumps, loads
 
@@ -76,17 +77,28 @@ def meta_of(request: Any) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def _admit(task: Task, state: State, ask: Request) -> Lease | None:
-    """The lease to run under now; otherwise the task is deferred (Ignore or Reject)."""
+def _admit(task: Task, state: State, ask: Request) -> Lease:
+    """The lease to run under now; otherwise the task is handed back (Ignore or Reject)."""
     request = task.request
     meta = meta_of(request)
     if not _current_copy(task, state, meta):
         log.info("taskthrottle: dropping a stale copy of %s[%s]", task.name, request.id)
         raise Ignore()
-    turn = book_turn(state, ask, request.id, meta)
-    if isinstance(turn, Defer):
-        return _defer(task, state, turn.meta, turn.wait)
-    return turn
+    while True:
+        turn = book_turn(state, ask, request.id, meta, attempt=request.retries or 0)
+        if not isinstance(turn, Defer):
+            return turn
+        _defer(task, state, turn)
+        # Neither the broker nor the store took the task back, and it is acknowledged
+        # already: it waits here, in this worker, for its turn.
+        log.warning(
+            "taskthrottle: could not hand %s[%s] back; holding it %.1f s in this worker",
+            task.name,
+            request.id,
+            turn.wait,
+        )
+        time.sleep(turn.wait)
+        meta = turn.meta
 
 
 def _current_copy(task: Task, state: State, meta: dict[str, Any]) -> bool:
@@ -96,38 +108,69 @@ def _current_copy(task: Task, state: State, meta: dict[str, Any]) -> bool:
     if token is None and not (task.request.delivery_info or {}).get("redelivered"):
         return True  # a first delivery of a task never deferred: nothing to check
     try:
-        return state.deferrals().begin(task.request.id, token)
+        return state.deferrals().begin(task.request.id, token, meta.get("prior"))
     except StoreError:
         return True  # cannot tell: at-least-once beats losing the task
 
 
-def _defer(task: Task, state: State, meta: dict[str, Any], wait: float) -> Lease | None:
-    """Hand the task back for ``wait`` seconds from now, then skip this delivery.
+def _defer(task: Task, state: State, turn: Defer) -> None:
+    """Hand the task back for ``turn.wait`` seconds from now, then skip this delivery
+    (raises Ignore); returns only when the task could not be handed back.
 
-    A near turn goes to the broker with a countdown; a far one is parked in the store.
-    If neither works the task is not lost: under ``acks_late`` the message is requeued;
-    otherwise (it is acknowledged already) it runs now, unthrottled.
+    A far turn is parked (in the broker's Redis, or beside the store), a near one goes to
+    the broker with a countdown, and so does a far one when parking fails. A copy made
+    while the store fails goes through the broker alone, carrying the token of the
+    delivery that made it, by which the store recognises it later. Under ``acks_late``
+    a task that cannot be published at all is requeued by the broker.
     """
     request = task.request
+    prior = meta_of(request).get("token")
+    meta = {**turn.meta, "token": uuid.uuid4().hex, "prior": prior}
+    if turn.offline:
+        meta["due"] = time.time() + turn.wait
     headers = {**(request.headers or {}), HEADER: meta}
-    deferrals = state.deferrals()
+    if (
+        not turn.offline
+        and turn.wait > state.settings.park_after
+        and _park(task, state, headers, turn.wait)
+    ):
+        _hide_started(task)
+        raise Ignore()
     try:
-        if wait > state.settings.park_after:
-            copy = task.signature_from_request(request, headers=headers)
-            deferrals.park(request.id, wait, encode(task.app, dict(copy)))
-        else:
-            meta["token"] = token = uuid.uuid4().hex
-            copy = task.signature_from_request(request, countdown=max(wait, 0.001), headers=headers)
-            copy.apply_async()
-            # Only a published copy may make the original stale: had the publish failed,
-            # the requeued original would have been dropped as stale, and the task lost.
-            deferrals.expect(request.id, token, prior=meta_of(request).get("token"))
+        copy = task.signature_from_request(
+            request, countdown=max(turn.wait, 0.001), headers=headers
+        )
+        copy.apply_async()
     except Exception as exc:
         if task.acks_late:  # still ours to hand back: the broker redelivers it
             raise Reject(exc, requeue=True) from exc
-        log.exception("taskthrottle: could not defer %s[%s]; running it now", task.name, request.id)
-        return None
+        return
+    if not turn.offline:
+        # Only a published copy may make the original stale: had the publish failed, the
+        # requeued original would have been dropped as stale, and the task lost.
+        with contextlib.suppress(StoreError):
+            state.deferrals().expect(request.id, meta["token"], prior=prior)
+    _hide_started(task)
     raise Ignore()
+
+
+def _park(task: Task, state: State, headers: dict[str, Any], wait: float) -> bool:
+    """Park the task until shortly before its turn; False if parking failed."""
+    meta = {k: v for k, v in headers[HEADER].items() if k != "token"}  # released with a new one
+    copy = task.signature_from_request(task.request, headers={**headers, HEADER: meta})
+    try:
+        state.deferrals().park(task.request.id, wait, encode(task.app, dict(copy)))
+    except StoreError:
+        return False
+    return True
+
+
+def _hide_started(task: Task) -> None:
+    """With ``task_track_started`` Celery stored STARTED before the gate ran: a task that
+    waits for its turn is PENDING again, as it was before this delivery."""
+    if task.track_started or task.app.conf.task_track_started:
+        with contextlib.suppress(Exception):  # a result backend that fails: nothing worse
+            task.backend.store_result(task.request.id, None, states.PENDING, request=task.request)
 
 
 def encode(app: Any, message: dict[str, Any]) -> bytes:

@@ -8,17 +8,17 @@ from typing import Any
 
 from celery import bootsteps
 
-from taskthrottle._deferrals import Parked
-from taskthrottle._deferrals import release_due as release
-from taskthrottle._exceptions import StoreError
+from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser
 from taskthrottle.celery._gate import HEADER, decode, state_of
 
 log = logging.getLogger("taskthrottle.celery")
 
 
-def release_due(app: Any) -> int:
+def release_due(app: Any, releaser: Releaser | None = None) -> int:
     """Publish every parked task of ``app`` due within the lead; returns how many."""
-    state = state_of(app)
+    if releaser is None:
+        state = state_of(app)
+        releaser = Releaser(state.deferrals(), state.settings.park_lead)
 
     def publish(item: Parked, token: str) -> None:
         copy = app.signature(decode(item.payload))
@@ -26,10 +26,10 @@ def release_due(app: Any) -> int:
         headers[HEADER] = {**headers.get(HEADER, {}), "token": token}
         copy.apply_async(countdown=max(item.due_in, 0.001))
 
-    return release(state.deferrals(), state.settings.park_lead, publish)
+    return releaser.release(publish)
 
 
-class Releaser(bootsteps.StartStopStep):
+class ReleaseStep(bootsteps.StartStopStep):
     """A worker step: one thread per node that releases parked tasks every ``park_poll``."""
 
     label = "taskthrottle releaser"
@@ -52,11 +52,13 @@ class Releaser(bootsteps.StartStopStep):
             self.thread.join(timeout=10)
 
     def run(self) -> None:
-        poll = state_of(self.app).settings.park_poll
-        while not self.stopping.wait(poll):
+        state = state_of(self.app)
+        deferrals = state.deferrals()
+        if isinstance(deferrals, RedisDeferrals):
+            deferrals.warn_if_volatile()
+        releaser = Releaser(deferrals, state.settings.park_lead)
+        while not self.stopping.wait(state.settings.park_poll):
             try:
-                release_due(self.app)
-            except (StoreError, OSError, ConnectionError):
-                log.exception("taskthrottle: releasing parked tasks failed; will try again")
-            except Exception:
+                release_due(self.app, releaser)
+            except Exception:  # a bug: say so, and keep releasing
                 log.exception("taskthrottle: releasing parked tasks failed; will try again")

@@ -4,7 +4,9 @@ KEYS[1]   `{ns}:park:due`      ZSET parked task id -> due ms (Redis time)
 KEYS[2]   `{ns}:park:claimed`  ZSET claimed task id -> claim deadline ms
 KEYS[3]   `{ns}:park:items`    HASH parked task id -> "due_ms|payload"
 KEYS[4]   `{ns}:run:<task id>` STRING (only for begin/expect/park): which copy may run:
-          "parked", a publish token, or "ran:<token>"; EX ARGV[4]
+          "parked", a publish token, or "ran:<token>"; EX the run-key ttl
+KEYS[5]   `{ns}:park:epoch` STRING: set while anything was parked; its absence after
+          tasks were parked means the parking data was lost (a restart, FLUSHALL, eviction)
 ARGV[1]   now in ms, or '' to read Redis TIME
 ARGV[2]   the operation: park | claim | done | expect | begin
 ARGV[3..] park:   task id, due in ms, run-key ttl s, payload
@@ -12,17 +14,23 @@ ARGV[3..] park:   task id, due in ms, run-key ttl s, payload
           done:   task id
           expect: task id, token, run-key ttl s, prior token ('' if none): may this copy be
                   published? (prior: the token of the delivery deferring itself again)
-          begin:  task id, token ('' for an original delivery)
+          begin:  task id, token ('' for an original delivery), run-key ttl s, prior token
+                  (the token of the delivery that published this copy, '' if none)
+
+Every key expires: the parking keys a day after their last write (parked tasks are due
+within the integrations' horizon, minutes), run keys after the run-key ttl.
 
 park    returns 1.
-claim   returns {id, ms until due, payload, ...} for tasks due within the lead, and for
-        claims whose holder let the deadline pass (a crashed releaser).
+claim   returns {epoch (1 if the epoch key exists, else 0), tasks still parked or claimed,
+        id, ms until due, payload, ...} for tasks due within the lead, and for claims whose
+        holder let the deadline pass (a crashed releaser).
 done    returns 1.
 expect  returns 1 if the token now owns the run key, 0 if an earlier copy already ran
         (other than the prior one, which is handing itself back).
 begin   returns 1 if this delivery may run: its token owns the key (or it ran under
-        it before: an acks_late redelivery, or the key is gone), or an original whose
-        task was never deferred.
+        it before: an acks_late redelivery, or the key is gone), it was published by the
+        copy that ran last (while the store could not record it), or it is an original
+        whose task was never deferred.
 ]]
 
 local function clock()
@@ -32,12 +40,22 @@ local function clock()
 end
 
 local now, op = clock(), ARGV[2]
+local PARK_TTL_MS = 86400000
+
+-- Gives `key` at least PARK_TTL_MS more to live (a PEXPIRE only when it has less).
+local function keep(key)
+  if redis.call('PTTL', key) < PARK_TTL_MS - 60000 then redis.call('PEXPIRE', key, PARK_TTL_MS) end
+end
 
 if op == 'park' then
   local due = now + tonumber(ARGV[4])
   redis.call('ZADD', KEYS[1], string.format('%.0f', due), ARGV[3])
   redis.call('HSET', KEYS[3], ARGV[3], string.format('%.0f', due) .. '|' .. ARGV[6])
   redis.call('SET', KEYS[4], 'parked', 'EX', ARGV[5])
+  redis.call('SET', KEYS[5], 1, 'NX', 'PX', PARK_TTL_MS)
+  keep(KEYS[1])
+  keep(KEYS[3])
+  keep(KEYS[5])
   return 1
 end
 
@@ -47,7 +65,7 @@ if op == 'claim' then
   local ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now + lead),
     'LIMIT', 0, batch - #ids)
   for _, id in ipairs(ready) do ids[#ids + 1] = id end
-  local out = {}
+  local out = {redis.call('EXISTS', KEYS[5]), 0}
   for _, id in ipairs(ids) do
     local item = redis.call('HGET', KEYS[3], id)
     redis.call('ZREM', KEYS[1], id)
@@ -61,6 +79,8 @@ if op == 'claim' then
       redis.call('ZREM', KEYS[2], id)
     end
   end
+  if #out > 2 then keep(KEYS[2]) end
+  out[2] = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
   return out
 end
 
@@ -82,13 +102,16 @@ end
 
 if op == 'begin' then
   local current = redis.call('GET', KEYS[4])
-  local token = ARGV[4]
+  local token, prior = ARGV[4], ARGV[6]
   if token == '' then return current and 0 or 1 end
-  if not current or current == token then  -- no key: nothing competes (or it expired)
-    redis.call('SET', KEYS[4], 'ran:' .. token, 'KEEPTTL')
+  if current == 'ran:' .. token then return 1 end
+  -- No key: nothing competes (it expired, or the store lost it). The prior copy's token:
+  -- that copy handed this one back while the store could not record it.
+  if not current or current == token
+    or (prior ~= '' and (current == prior or current == 'ran:' .. prior)) then
+    redis.call('SET', KEYS[4], 'ran:' .. token, 'EX', ARGV[5])
     return 1
   end
-  if current == 'ran:' .. token then return 1 end
   return 0
 end
 

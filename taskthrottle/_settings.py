@@ -16,7 +16,7 @@ from taskthrottle._exceptions import InvalidInput, StoreError, StoreUnavailable,
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
 from taskthrottle._outage import POLICIES, check_policy
-from taskthrottle._throttle import Request, Throttle, throttled, throttles_of
+from taskthrottle._throttle import Request, Throttle, throttle_spec
 
 log = logging.getLogger("taskthrottle")
 
@@ -114,7 +114,10 @@ class State:
         self._deferrals: Deferrals | None = None
         self.default: tuple[Throttle, ...] = ()
         if settings.default:
-            self.default = throttles_of(throttled(**settings.default)(lambda: None))
+            default = dict(settings.default)
+            limits = default.pop("limits", ())
+            key, consume = default.pop("key", None), default.pop("consume", None)
+            self.default = (throttle_spec(tuple(limits), key, consume, default),)
         if isinstance(limiter, Limiter):
             self._limiter = self._configure(limiter)
 

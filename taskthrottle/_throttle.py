@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import string
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 from taskthrottle._exceptions import InvalidInput, InvalidType
 from taskthrottle._lease import Lease
 from taskthrottle._limits import Limit
+from taskthrottle._plan import milli_amount
 
 F = TypeVar("F")
 KeySpec = str | Callable[..., str]
@@ -72,15 +74,10 @@ def throttled(
     """
     given = {"rps": rps, "rpm": rpm, "rph": rph, "rpd": rpd, "tps": tps, "tpm": tpm}
     given |= {"tph": tph, "tpd": tpd, "concurrency": concurrency}
-    built = [_KEYWORDS[name](name, value) for name, value in given.items() if value is not None]
-    for limit in limits:
-        if not isinstance(limit, Limit):
-            msg = f"throttled() takes Limit objects and keyword limits, got {limit!r}"
-            raise InvalidType(msg)
-    spec = Throttle((*limits, *built), key, dict(consume or {}))
-    _check(spec)
+    spec = throttle_spec(limits, key, consume, given)
 
     def decorate(func: F) -> F:
+        check_key_fields(spec, func)
         stacked: tuple[Throttle, ...] = getattr(func, ATTRIBUTE, ())
         throttles = (*stacked, spec)
         _check_consume_conflicts(throttles)
@@ -88,6 +85,67 @@ def throttled(
         return func
 
     return decorate
+
+
+def throttle_spec(
+    limits: tuple[Limit, ...] | list[Limit],
+    key: KeySpec | None,
+    consume: Mapping[str, Amount] | None,
+    keywords: Mapping[str, float | None],
+) -> Throttle:
+    """The `Throttle` one ``throttled(...)`` records, checked; ``keywords`` are the keyword
+    limits (``{"rpm": 500}``)."""
+    unknown = sorted(set(keywords) - set(_KEYWORDS))
+    if unknown:
+        raise InvalidInput(f"unknown keyword limits {unknown} (known: {sorted(_KEYWORDS)})")
+    built = [_KEYWORDS[name](name, value) for name, value in keywords.items() if value is not None]
+    for limit in limits:
+        if not isinstance(limit, Limit):
+            msg = f"throttled() takes Limit objects and keyword limits, got {limit!r}"
+            raise InvalidType(msg)
+    spec = Throttle((*limits, *built), key, dict(consume or {}))
+    _check(spec)
+    return spec
+
+
+def key_fields(key: str) -> set[str]:
+    """The argument names a key template formats (``{"tenant"}`` for "t:{tenant.id}")."""
+    try:
+        parsed = list(string.Formatter().parse(key))
+    except ValueError as exc:
+        raise InvalidInput(f"key template {key!r} is malformed: {exc}") from exc
+    fields = set()
+    for _, formatted, _, _ in parsed:
+        if formatted is None:
+            continue
+        name = formatted.split(".", 1)[0].split("[", 1)[0]
+        if not name.isidentifier():
+            msg = f"key template {key!r} must name the task's arguments, got {{{formatted}}}"
+            raise InvalidInput(msg)
+        fields.add(name)
+    return fields
+
+
+def check_key_fields(spec: Throttle, func: object) -> None:
+    """Refuse a key template naming an argument ``func`` does not take, now rather than
+    when the first task runs."""
+    if not (isinstance(spec.key, str) and callable(func)):
+        return
+    fields = key_fields(spec.key)
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # a builtin, say: nothing to check against
+        return
+    if not fields or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    missing = sorted(fields - set(params))
+    if missing:
+        name = getattr(func, "__qualname__", repr(func))
+        msg = (
+            f"key {spec.key!r} names {', '.join(missing)}, which {name}() does not take "
+            f"(it takes {', '.join(params) or 'no arguments'})"
+        )
+        raise InvalidInput(msg)
 
 
 def _check(spec: Throttle) -> None:
@@ -99,12 +157,21 @@ def _check(spec: Throttle) -> None:
         raise InvalidInput(f"throttled() got two limits named {duplicated}")
     if spec.key is not None and not (isinstance(spec.key, str) or callable(spec.key)):
         raise InvalidType(f"key must be a format string or a callable, got {spec.key!r}")
+    if isinstance(spec.key, str):
+        key_fields(spec.key)
     unknown = sorted(set(spec.consume) - set(names))
     if unknown:
-        raise InvalidInput(f"consume names {unknown}, which are not among the limits {names}")
+        msg = (
+            f"consume names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
+            f"not among this throttle's limits ({', '.join(names)})"
+        )
+        raise InvalidInput(msg)
     for name, amount in spec.consume.items():
-        if not (callable(amount) or isinstance(amount, (int, float))):
+        if callable(amount):
+            continue
+        if not isinstance(amount, (int, float)):
             raise InvalidType(f"consume[{name!r}] must be a number or a callable, got {amount!r}")
+        milli_amount(amount, "consume[{!r}]", name)
 
 
 def _check_consume_conflicts(throttles: tuple[Throttle, ...]) -> None:

@@ -31,8 +31,9 @@ from taskthrottle._throttle import (
     Request,
     Throttle,
     _current,
+    check_key_fields,
     plan,
-    throttled,
+    throttle_spec,
     throttles_of,
 )
 
@@ -259,5 +260,8 @@ def _throttles_of(actor: Any) -> tuple[Throttle, ...]:
     option = dict(actor.options.get("throttle") or {})
     if option:
         limits = option.pop("limits", ())  # Limit objects, for what keywords cannot say
-        found = (*found, *throttles_of(throttled(*limits, **option)(lambda: None)))
+        key, consume = option.pop("key", None), option.pop("consume", None)
+        spec = throttle_spec(tuple(limits), key, consume, option)
+        check_key_fields(spec, actor.fn)
+        found = (*found, spec)
     return found

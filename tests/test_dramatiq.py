@@ -101,12 +101,13 @@ class FailingStore(MemoryStore):
 
 
 def test_a_store_failure_is_not_an_accidental_fail_open(broker: StubBroker) -> None:
-    """While the store fails, messages are deferred, not run; they run once it is back."""
+    """While the store fails, messages are deferred through the broker, not run, and spend
+    no retry (max_retries=0 would dead-letter them); they run once it is back."""
     store = FailingStore()
     broker.add_middleware(ThrottleMiddleware(Limiter(store), store_retry=0.3))
     ran: list[int] = []
 
-    @dramatiq.actor(throttle={"rps": 100, "key": "down"})
+    @dramatiq.actor(max_retries=0, throttle={"rps": 100, "key": "down"})
     def job(n: int) -> None:
         ran.append(n)
 
@@ -120,6 +121,7 @@ def test_a_store_failure_is_not_an_accidental_fail_open(broker: StubBroker) -> N
     finally:
         worker.stop()
     assert ran == [1]
+    assert broker.dead_letters == []
 
 
 def test_decorator_form_and_current_lease(broker: StubBroker) -> None:
@@ -162,9 +164,9 @@ def test_unknown_options_are_still_refused(broker: StubBroker) -> None:
             return None
 
 
-def test_a_failed_deferral_goes_through_retries_not_lost(broker: StubBroker) -> None:
-    """Parking fails once (store down): the message is not acknowledged and lost; Dramatiq's
-    failure path retries it, and it runs once."""
+def test_a_failed_parking_goes_to_the_broker(broker: StubBroker) -> None:
+    """Parking fails once (its Redis down): the copy goes to the broker with its delay
+    instead; nothing is lost and no retry is spent (max_retries=0 would dead-letter it)."""
     middleware = ThrottleMiddleware(Limiter(MemoryStore()))
     broker.add_middleware(middleware)
     deferrals = middleware.state.deferrals()
@@ -180,7 +182,7 @@ def test_a_failed_deferral_goes_through_retries_not_lost(broker: StubBroker) -> 
     deferrals.park = park_once  # type: ignore[method-assign]
     ran: list[int] = []
 
-    @dramatiq.actor(min_backoff=10, max_backoff=50, throttle={"rps": 1, "key": "f"})
+    @dramatiq.actor(max_retries=0, throttle={"rps": 1, "key": "f"})
     def job(n: int) -> None:
         ran.append(n)
 
@@ -193,6 +195,7 @@ def test_a_failed_deferral_goes_through_retries_not_lost(broker: StubBroker) -> 
         worker.stop()
     assert refused, "a deferral was refused"
     assert sorted(ran) == [0, 1]
+    assert broker.dead_letters == []
 
 
 def test_a_bad_throttle_option_fails_at_declaration(broker: StubBroker) -> None:
@@ -202,6 +205,12 @@ def test_a_bad_throttle_option_fails_at_declaration(broker: StubBroker) -> None:
 
         @dramatiq.actor(throttle={"rps": 1, "burst": 3})
         def job() -> None:
+            return None
+
+    with pytest.raises(InvalidInput, match=r"names tenant, which .*other\(\) does not take"):
+
+        @dramatiq.actor(throttle={"rps": 1, "key": "t:{tenant}"})
+        def other(user: str) -> None:
             return None
 
 

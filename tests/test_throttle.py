@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from taskthrottle import InvalidInput, InvalidType, Limit, Limiter, MemoryStore, throttled
@@ -66,15 +68,43 @@ def test_callable_keys_and_defaults_of_arguments() -> None:
     assert sorted(ask.target) == ["eu:ann", "model:small"]
 
 
-def test_a_key_naming_a_missing_argument() -> None:
-    """The error names the key and the missing argument."""
+def test_a_key_naming_a_missing_argument_is_refused_when_applied() -> None:
+    """A key template is checked against the task's signature when the decorator is
+    applied, not in the worker: the error names the key, the argument and what it takes."""
+    with pytest.raises(InvalidInput, match=r"'tenant:\{tenant\}' names tenant.*takes user"):
+
+        @throttled(rps=1, key="tenant:{tenant}")
+        def call(user: str) -> None:
+            return None
+
+
+def test_a_key_naming_an_argument_missing_from_a_call() -> None:
+    """A task taking **kwargs is checked per call: the error names the key and the argument."""
 
     @throttled(rps=1, key="tenant:{tenant}")
-    def call(user: str) -> None:
+    def call(**kwargs: str) -> None:
         return None
 
     with pytest.raises(InvalidInput, match="tenant"):
-        plan(throttles_of(call), call, ("ann",), {}, "call")
+        plan(throttles_of(call), call, (), {"user": "ann"}, "call")
+
+
+@pytest.mark.parametrize(
+    ("key", "match"),
+    [("tenant:{", "malformed"), ("t:{0}", "must name the task's arguments"), ("{}", "got {}")],
+)
+def test_a_malformed_key_template_is_refused(key: str, match: str) -> None:
+    """A key template that cannot format is an InvalidInput naming it, not a bare ValueError
+    in the worker."""
+    with pytest.raises(InvalidInput, match=match):
+        throttled(rps=1, key=key)
+
+
+@pytest.mark.parametrize("amount", [0, -1, math.nan, 2.0**60, 0.0001])
+def test_a_bad_constant_consume_is_refused_when_declared(amount: float) -> None:
+    """A constant consume amount is checked by throttled() itself."""
+    with pytest.raises(InvalidInput, match=r"consume\['tpm'\]"):
+        throttled(tpm=100, consume={"tpm": amount})
 
 
 @pytest.mark.parametrize(

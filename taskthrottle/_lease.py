@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from taskthrottle._exceptions import InvalidInput
 from taskthrottle._plan import milli_amount
 from taskthrottle._store import CONCURRENCY, AsyncStore, Entry, Store
+
+if TYPE_CHECKING:
+    from taskthrottle._renewal import Renewer
 
 
 class _LeaseBase:
@@ -94,15 +97,25 @@ class Lease(_LeaseBase):
 
     `adjust` corrects consumption after the fact; `release` frees concurrency
     slots (tokens stay spent). Use it as a context manager to release on exit.
+    A `Limiter`'s leases keep their slots held while they are not released.
     """
 
-    __slots__ = ("_store",)
+    __slots__ = ("_renewal", "_store")
 
     def __init__(
         self, store: Store, lease_id: str, entries: list[Entry], granted_at: float = 0.0
     ) -> None:
         super().__init__(lease_id, entries, granted_at)
         self._store = store
+        self._renewal: tuple[Renewer, int] | None = None
+
+    def _keep_held(self, renewer: Renewer | None, ttl_ms: int) -> Lease:
+        """Have ``renewer`` keep this lease's slots held until it is released."""
+        slots = self._slots()
+        if renewer is not None and slots and not self.released:
+            self._renewal = renewer, ttl_ms
+            renewer.hold(self.id, slots, ttl_ms)
+        return self
 
     def adjust(self, **changes: float) -> None:
         """Charge more (positive, may go into debt) or refund (negative) per limit name."""
@@ -114,6 +127,8 @@ class Lease(_LeaseBase):
     def release(self) -> None:
         """End the lease: give back its concurrency slots. Idempotent."""
         if not self.released:
+            if self._renewal is not None:  # even if the release fails: the slots then expire
+                self._renewal[0].drop(self.id)
             slots = self._slots()
             if slots:
                 self._store.settle(f"{self.id}:r", self.id, [], slots)
@@ -213,9 +228,24 @@ class Reservation(_ReservationBase[Lease]):
     """
 
     def __init__(
-        self, store: Store, lease_id: str, entries: list[Entry], delay: float, made_at: float = 0.0
+        self,
+        store: Store,
+        lease_id: str,
+        entries: list[Entry],
+        delay: float,
+        made_at: float = 0.0,
+        renewal: tuple[Renewer, int] | None = None,
     ) -> None:
         super().__init__(Lease(store, lease_id, entries, made_at), delay)
+        self._renewal = renewal
+
+    def redeem(self) -> Lease:
+        """The lease this reservation booked; charges nothing more. Its slots are kept held
+        from now until it is released."""
+        lease = super().redeem()
+        if self._renewal is not None:
+            lease._keep_held(*self._renewal)
+        return lease
 
     def cancel(self) -> None:
         """Give the tokens and slots back. Idempotent; not possible once redeemed."""

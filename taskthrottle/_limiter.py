@@ -30,13 +30,15 @@ from taskthrottle._outage import (
     local_share_of,
 )
 from taskthrottle._plan import Consume, Target, check_key, entries, new_id
+from taskthrottle._renewal import Renewer
 from taskthrottle._store import BUCKET, QUOTA, AsyncStore, Entry, Outcome, Store
 
 if TYPE_CHECKING:
     from taskthrottle.metrics import Metrics
 
-#: Seconds a concurrency slot stays held when its holder never releases it.
-DEFAULT_LEASE_TTL = 300.0
+#: Seconds a concurrency slot stays held after its holder stops renewing it (it died, or
+#: never released it); a `Limiter` renews its live leases every third of this.
+DEFAULT_LEASE_TTL = 60.0
 
 
 def _seconds(value: float, what: str, *, allow_zero: bool = False) -> int:
@@ -161,6 +163,12 @@ class Limiter:
         self.outage = Outage()
         self._guarded = GuardedStore(self.store, self.outage, lambda: self.on_store_error)
         self._local: MemoryStore | None = None
+        self.renewer = Renewer(self._guarded)
+
+    def _renewer_for(self, store: Store) -> Renewer | None:
+        """Who keeps slots held for a lease settling with ``store``: only the shared store's
+        slots are renewed (an outage's local or allowed leases live out their TTL)."""
+        return self.renewer if store is self._guarded else None
 
     def _charge(
         self, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
@@ -204,7 +212,8 @@ class Limiter:
         """
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
         outcome, store = self._charge(lease_id, charged, 0, ttl_ms)
-        return Lease(store, lease_id, charged, outcome.now_ms / 1000)
+        lease = Lease(store, lease_id, charged, outcome.now_ms / 1000)
+        return lease._keep_held(self._renewer_for(store), ttl_ms)
 
     def reserve(
         self,
@@ -224,7 +233,10 @@ class Limiter:
         max_wait_ms = _seconds(max_wait, "max_wait", allow_zero=True)
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
         outcome, store = self._charge(lease_id, charged, max_wait_ms, ttl_ms)
-        return Reservation(store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000)
+        renewer = self._renewer_for(store)
+        renewal = None if renewer is None else (renewer, ttl_ms)
+        delay, made_at = outcome.delay_ms / 1000, outcome.now_ms / 1000
+        return Reservation(store, lease_id, charged, delay, made_at, renewal)
 
     def restore(
         self,
@@ -235,7 +247,8 @@ class Limiter:
     ) -> Lease:
         """The lease of an earlier grant or reservation, rebuilt from the same request (in
         the process that runs the task, say); charges nothing."""
-        return Lease(self._guarded, check_key(lease_id), entries(target, limits, consume))
+        lease = Lease(self._guarded, check_key(lease_id), entries(target, limits, consume))
+        return lease._keep_held(self.renewer, self._ttl_ms)
 
     def available(self, key: str, limits: Sequence[Limit]) -> dict[str, float]:
         """What each limit could grant now (negative when in debt); changes nothing."""

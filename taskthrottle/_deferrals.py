@@ -285,12 +285,14 @@ def release_due(deferrals: Deferrals, lead: float, publish: Callable[[Parked, st
 
 
 def deferrals_for(store: Any, client: Any = None, namespace: str = "taskthrottle") -> Deferrals:
-    """The deferrals that go with a limiter's store: in ``client``'s Redis (the broker's)
-    under ``namespace``, else beside a `RedisStore`, else in this process's memory."""
+    """The deferrals that go with a limiter's store: in ``client``'s Redis (the broker's),
+    else beside a `RedisStore`, else in this process's memory; under the store's namespace
+    when it is Redis, else ``namespace``."""
     codec = getattr(store, "_codec", None)
+    tag = "{" + namespace + "}" if codec is None else codec.tag
     clock = None if codec is None else codec.clock
     if client is not None:
-        return RedisDeferrals(client, "{" + namespace + "}", clock)
+        return RedisDeferrals(client, tag, clock)
     if codec is not None and hasattr(store, "client"):
-        return RedisDeferrals(store.client, codec.tag, codec.clock)
+        return RedisDeferrals(store.client, tag, clock)
     return MemoryDeferrals(getattr(store, "_clock", time.time))

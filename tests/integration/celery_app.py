@@ -33,6 +33,7 @@ app.conf.update(
     task_acks_late=os.environ.get("TT_ACKS_LATE") == "1",
     task_reject_on_worker_lost=os.environ.get("TT_ACKS_LATE") == "1",
     broker_connection_retry_on_startup=True,
+    task_track_started=os.environ.get("TT_TRACK_STARTED") == "1",
 )
 LEASE_TTL = float(os.environ.get("TT_LEASE_TTL", "300"))
 taskthrottle.celery.install(
@@ -87,6 +88,24 @@ def llm(self: object, tenant: str, words: int) -> dict[str, float]:
     assert lease is not None
     lease.adjust(tpm=words // 2)
     return lease.consumed
+
+
+@app.task(bind=True, shared=False, max_retries=5)
+@throttled(Limit.per_second("rtr", RATE, burst=BURST), key="retrying")
+def retrying(self: object, n: int, times: int) -> int:
+    """Retries itself ``times`` times (as after a 429); records each attempt's lease id."""
+    request = self.request  # type: ignore[attr-defined]
+    lease = current_lease()
+    record("start", request.id, f"lease={lease.id if lease else None}")
+    if request.retries < times:
+        raise self.retry(countdown=0.05)  # type: ignore[attr-defined]
+    return n
+
+
+@signals.task_postrun.connect(weak=False, dispatch_uid="tt-test-postrun")
+def _count_postrun(task_id: str, task: object, state: str | None = None, **_: object) -> None:
+    """Every delivery ends here, a deferred one with state IGNORED."""
+    record("postrun", task_id, str(state))
 
 
 @signals.task_prerun.connect(weak=False, dispatch_uid="tt-test-deliveries")

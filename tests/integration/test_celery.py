@@ -253,3 +253,47 @@ def test_a_refused_republish_runs_the_task_when_already_acknowledged(
     assert marker.exists(), "a publish was refused"
     rows = journal(redis_url, workers.env["TT_NS"])
     assert Counter(t for kind, t, _, _ in rows if kind == "start") == {r.id: 1 for r in results}
+
+
+def test_each_retry_is_a_new_attempt_that_pays(
+    fleet: Callable[..., Fleet], monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """A task that calls self.retry() comes back with the same id (and, after a deferral,
+    the same headers); each attempt takes a lease of its own instead of replaying the
+    first attempt's grant for free."""
+    workers = fleet(TT_RATE="2", TT_BURST="1")
+    workers.start("tests.integration.celery_app", "node1")
+    module = client_app(workers, monkeypatch)
+    results = [module.retrying.delay(n, 2) for n in range(3)]  # the later ones wait first
+    assert [r.get(timeout=60) for r in results] == [0, 1, 2]
+    rows = journal(redis_url, workers.env["TT_NS"])
+    for result in results:
+        leases = [e for k, t, _, e in rows if k == "start" and t == result.id]
+        attempts = [lease.removeprefix(f"lease={result.id}:").split(":")[0] for lease in leases]
+        assert attempts == ["0", "1", "2"], leases
+        assert len(set(leases)) == 3, leases
+    starts = sorted(when for kind, _, when, _ in rows if kind == "start")
+    assert most_in_any_second(starts) <= 2 + 1  # 9 paid attempts at 2/s, burst 1
+
+
+def test_a_waiting_task_is_pending_not_started(
+    fleet: Callable[..., Fleet], monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """With task_track_started a task waiting for its turn reads PENDING, not STARTED: its
+    body has not begun."""
+    workers = fleet(TT_TRACK_STARTED="1", TT_SLOW_RATE="0.2")
+    workers.start("tests.integration.celery_app", "node1")
+    module = client_app(workers, monkeypatch)
+    first = module.far.delay(0)
+    assert first.get(timeout=30) == 0
+    waiting = module.far.delay(1)  # its turn lies 5 s away
+    ns = workers.env["TT_NS"]
+
+    def deferred() -> bool:
+        rows = journal(redis_url, ns)
+        return any(k == "postrun" and t == waiting.id and e == "IGNORED" for k, t, _, e in rows)
+
+    wait_for(deferred, 30, "the waiting task's first delivery to end deferred")
+    assert waiting.state == "PENDING"
+    assert not any(k == "start" and t == waiting.id for k, t, _, _ in journal(redis_url, ns))
+    assert waiting.get(timeout=30) == 1

@@ -260,3 +260,29 @@ def test_failures_release_slots_and_refund(broker: StubBroker) -> None:
     left = limiter.available("g", [Limit.concurrency("concurrency", 1), Limit.per_day("tpd", 1000)])
     assert left["concurrency"] == 1.0
     assert 998.0 <= left["tpd"] < 998.1  # two successes spent (a day's refill is slow)
+
+
+def test_each_retry_is_a_new_attempt_that_pays(broker: StubBroker) -> None:
+    """Retries re-sends a failed message with the same id and options; each attempt takes a
+    lease of its own instead of replaying the first attempt's grant for free."""
+    clock = ManualClock()
+    limiter = Limiter(MemoryStore(clock=clock))
+    broker.add_middleware(ThrottleMiddleware(limiter))
+    leases: list[str] = []
+
+    @dramatiq.actor(min_backoff=10, max_backoff=20, throttle={"rph": 10, "key": "retry"})
+    def flaky() -> None:
+        lease = current_lease()
+        assert lease is not None
+        leases.append(lease.id)
+        if len(leases) < 3:
+            raise RuntimeError("the callee answered 429")
+
+    worker = start(broker)
+    try:
+        flaky.send()
+        wait_for(lambda: len(leases) >= 3, 10, "three attempts")
+    finally:
+        worker.stop()
+    assert len(set(leases)) == 3, leases
+    assert limiter.available("retry", [Limit.per_hour("rph", 10)]) == {"rph": 7.0}

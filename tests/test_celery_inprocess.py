@@ -155,3 +155,25 @@ def test_metrics_count_one_request_per_task() -> None:
 
     assert count("granted") + count("delayed") == 5
     assert count("throttled") == 0
+
+
+def test_install_takes_a_redis_url(redis_url: str) -> None:
+    """install(app, "redis://...") keeps the limits in that Redis, never silently in a
+    per-process memory store; a URL redis-py cannot use is refused at once."""
+    from taskthrottle import RedisStore
+
+    app = make_app()
+    taskthrottle.celery.install(app, redis_url, namespace="install-url")
+    assert isinstance(limiter_for(app).store, RedisStore)
+    with pytest.raises(InvalidInput, match="bad Redis URL"):
+        taskthrottle.celery.install(make_app(), "redis://127.0.0.1:notaport/0")
+
+
+def test_the_store_error_policy_passes_to_the_limiter() -> None:
+    """on_store_error and its companions given to install reach the app's limiter."""
+    app = make_app()
+    limiter = memory_limiter()
+    taskthrottle.celery.install(app, limiter, on_store_error="local", local_share=0.25)
+    assert (limiter.on_store_error, limiter.local_share) == ("local", 0.25)
+    with pytest.raises(InvalidInput, match="needs local_share"):
+        taskthrottle.celery.install(make_app(), memory_limiter(), on_store_error="local")

@@ -89,6 +89,30 @@ class Limit:
     #: The integer form sent to stores: (capacity_mt, refill_mt, period_ms).
     spec: tuple[int, int, int] = field(default=(0, 0, 0), repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Lua numbers are doubles: the scripts refuse an entry whose cap + refill * period
+        # + amount reaches 2**53 (lua/prelude.lua), and a request charges up to the
+        # capacity, so twice the capacity plus refill * period must stay below it.
+        cap, refill, period = self.spec
+        most = (MAX_EXACT - 1 - refill * period) // 2
+        if cap > most:
+            what, value = self._capacity_source()
+            msg = (
+                f"the {what} of limit {self.name!r} is too large for the stores to compute "
+                f"exactly (at most {max(0, most) // 1000}), got {value!r}"
+            )
+            raise InvalidInput(msg)
+
+    def _capacity_source(self) -> tuple[str, float]:
+        """What the caller called the capacity, and the value given."""
+        if self.kind == "concurrency":
+            return "slots", self.capacity
+        if self.kind == "quota":
+            return "amount", self.capacity
+        if self.capacity == self.rate:
+            return "rate", self.rate
+        return "burst", self.capacity
+
     @classmethod
     def per_period(
         cls, name: str, rate: float, period: float, *, burst: float | None = None

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from taskthrottle import _algorithms as alg
-from taskthrottle._store import BUCKET, QUOTA, Entry, Outcome
+from taskthrottle._store import BUCKET, CONCURRENCY, QUOTA, Entry, Outcome, check_renew_ttl
 
 #: How long (ms) a granted lease id or a settle id is remembered, making a repeat a no-op.
 OP_MEMORY_MS = 60_000
@@ -66,9 +66,10 @@ class _Slots:
         else:
             heapq.heappush(heap, (expiry, lease_id))
 
-    def by_age(self) -> Iterator[tuple[int, int]]:
-        """The live leases' ``(slots_mt, expiry_ms)``, soonest expiry first, on demand."""
-        heap, seen = self.by_expiry.copy(), set()
+    def by_age(self, skip: str | None = None) -> Iterator[tuple[int, int]]:
+        """The live leases' ``(slots_mt, expiry_ms)``, soonest expiry first, on demand;
+        all but ``skip``."""
+        heap, seen = self.by_expiry.copy(), {skip}
         while heap:
             expiry, lease_id = heapq.heappop(heap)
             lease = self.leases.get(lease_id)
@@ -80,6 +81,33 @@ class _Slots:
         lease = self.leases.pop(lease_id, None)
         if lease is not None:
             self.held -= lease[0]
+
+
+class _OpMemory:
+    """Op ids done lately, each with its turn (ms), so that a repeat within `OP_MEMORY_MS`
+    changes nothing; past `MAX_REMEMBERED` ids the older half is forgotten."""
+
+    __slots__ = ("done", "lock")
+
+    def __init__(self) -> None:
+        self.done: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def seen(self, op_id: str, now: int) -> int | None:
+        """When ``op_id``'s turn came (ms), if it was done within `OP_MEMORY_MS`."""
+        seen = self.done.get(op_id)
+        return seen if seen is not None and now < seen + OP_MEMORY_MS else None
+
+    def remember(self, op_id: str, turn: int) -> None:
+        self.done[op_id] = turn  # one dict store: atomic under the GIL
+        if len(self.done) > MAX_REMEMBERED:
+            self.forget_older_half()
+
+    def forget_older_half(self) -> None:
+        # A bounded memory beats remembering every id for the full minute.
+        with self.lock:
+            if len(self.done) > MAX_REMEMBERED:
+                self.done = dict(list(self.done.items())[MAX_REMEMBERED // 2 :])
 
 
 class _KeyState:
@@ -141,8 +169,10 @@ class MemoryStore:
     def __init__(self, *, clock: Callable[[], float] = time.time, stripes: int = 64) -> None:
         self._clock = clock
         self._stripes = [_Stripe() for _ in range(stripes)]
-        self._done: dict[str, int] = {}  # op id -> its turn (ms)
-        self._done_lock = threading.Lock()
+        # Acquires by lease id, settles by op id: apart, so that no settle id (such as
+        # "<lease>:r") can pass for a lease id, nor the reverse.
+        self._acquired = _OpMemory()
+        self._settled = _OpMemory()
 
     def _locked(self, entries: Sequence[Entry]) -> _Locks | threading.Lock:
         stripes = self._stripes
@@ -153,22 +183,6 @@ class MemoryStore:
                 return _Locks([stripes[i].lock for i in indices])
         return stripes[hash(first) % len(stripes)].lock
 
-    def _seen(self, op_id: str, now: int) -> int | None:
-        """When ``op_id``'s turn came (ms), if it was done within `OP_MEMORY_MS`."""
-        seen = self._done.get(op_id)
-        return seen if seen is not None and now < seen + OP_MEMORY_MS else None
-
-    def _remember(self, op_id: str, turn: int) -> None:
-        self._done[op_id] = turn  # one dict store: atomic under the GIL
-        if len(self._done) > MAX_REMEMBERED:
-            self._forget_older_half()
-
-    def _forget_older_half(self) -> None:
-        # A bounded memory beats remembering every id for the full minute.
-        with self._done_lock:
-            if len(self._done) > MAX_REMEMBERED:
-                self._done = dict(list(self._done.items())[MAX_REMEMBERED // 2 :])
-
     def acquire(
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
     ) -> Outcome:
@@ -178,10 +192,10 @@ class MemoryStore:
         if key is not None:
             return self._acquire_buckets(key, lease_id, entries, max_wait_ms, now)
         with self._locked(entries):
-            turn = self._seen(lease_id, now)
+            turn = self._acquired.seen(lease_id, now)
             if turn is not None:
-                return Outcome(True, max(0, turn - now), now)
-            looks = [self._look(e, now) for e in entries]
+                return self._replay(lease_id, entries, turn, now, ttl_ms)
+            looks = [self._look(e, now, lease_id) for e in entries]
             delay = 0
             for look in looks:
                 delay = max(delay, look[0])
@@ -196,8 +210,28 @@ class MemoryStore:
             expiry = now + delay + ttl_ms
             for entry, look in zip(entries, looks, strict=True):
                 self._charge(entry, look, now, lease_id, expiry)
-            self._remember(lease_id, now + delay)
+            self._acquired.remember(lease_id, now + delay)
         return _new(Outcome, (True, delay, now, ()))  # Outcome(...) without its slow defaults
+
+    def _replay(
+        self, lease_id: str, entries: Sequence[Entry], turn: int, now: int, ttl_ms: int
+    ) -> Outcome:
+        """The repeat of a grant whose turn was ``turn``, as acquire.lua's `replay`: no bucket
+        or quota is charged again; the lease's slots are held again from the turn, moved
+        when it still holds them, taken again when freed meanwhile and they fit, else the
+        repeat is refused, changing nothing."""
+        delay = max(0, turn - now)
+        looks = [
+            (i, e, self._look(e, now, lease_id))
+            for i, e in enumerate(entries)
+            if e.kind == CONCURRENCY
+        ]
+        violations = tuple((i, look[0]) for i, _, look in looks if look[0] > 0)
+        if violations:
+            return Outcome(False, max(wait for _, wait in violations), now, violations)
+        for _, e, look in looks:
+            self._charge(e, look, now, lease_id, now + delay + ttl_ms)
+        return Outcome(True, delay, now)
 
     def _acquire_buckets(
         self, key: str, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, now: int
@@ -206,7 +240,7 @@ class MemoryStore:
         `_algorithms` inlined, since here a function call costs as much as the sums."""
         stripe = self._stripes[hash(key) % len(self._stripes)]
         with stripe.lock:
-            turn = self._seen(lease_id, now)
+            turn = self._acquired.seen(lease_id, now)
             if turn is not None:
                 return _new(Outcome, (True, max(0, turn - now), now, ()))
             state = stripe.keys.get(key)
@@ -245,7 +279,7 @@ class MemoryStore:
                 # An upper bound of the time to full is enough to decide when to drop the key.
                 until = max(until, anchor + debit * period // refill + 1)
             state.expires = until  # type: ignore[union-attr]
-            self._remember(lease_id, now + delay)
+            self._acquired.remember(lease_id, now + delay)
         return _new(Outcome, (True, delay, now, ()))
 
     def _refused(self, entries: Sequence[Entry], now: int, max_wait_ms: int) -> Outcome:
@@ -258,8 +292,12 @@ class MemoryStore:
         )
         return Outcome(False, max(waits), now, violations)
 
-    def _look(self, e: Entry, now: int) -> tuple[int, Any, _KeyState | None]:
-        """The wait for ``e``, the current state of its field, and its key's state."""
+    def _look(
+        self, e: Entry, now: int, lease_id: str | None = None
+    ) -> tuple[int, Any, _KeyState | None]:
+        """The wait for ``e``, the current state of its field, and its key's state. The
+        slots ``lease_id`` holds already do not count against it: acquiring again only
+        moves their expiry."""
         key, _, kind, cap, refill, period, amount = e
         key_state = self._stripes[hash(key) % len(self._stripes)].keys.get(key)
         if key_state is None or key_state.expires <= now:
@@ -274,7 +312,12 @@ class MemoryStore:
             return alg.quota_wait(used, now, cap, period, amount), used, key_state
         slots: _Slots = raw or _Slots()
         slots.prune(now)  # under the stripe's lock; changes nothing anyone can see
-        return alg.slots_wait(slots.held, slots.by_age(), now, cap, amount), slots, key_state
+        own = None if lease_id is None else slots.leases.get(lease_id)
+        if own is None or own[0] != amount:  # as entries.lua finds its member, by weight
+            wait = alg.slots_wait(slots.held, slots.by_age(), now, cap, amount)
+        else:
+            wait = alg.slots_wait(slots.held - amount, slots.by_age(lease_id), now, cap, amount)
+        return wait, slots, key_state
 
     def _charge(
         self,
@@ -316,7 +359,7 @@ class MemoryStore:
         """See `taskthrottle.Store.settle`."""
         now = round(self._clock() * 1000)
         with self._locked([*deltas, *release]):
-            if self._seen(op_id, now) is not None:
+            if self._settled.seen(op_id, now) is not None:
                 return
             for e in deltas:
                 self._charge(e, self._look(e, now), now, lease_id, now)
@@ -325,7 +368,42 @@ class MemoryStore:
                 slots = None if key_state is None else key_state.fields.get((e.kind, e.name))
                 if slots is not None:
                     slots.remove(lease_id)
-            self._remember(op_id, now)
+            self._settled.remember(op_id, now)
+
+    def renew(self, leases: Sequence[tuple[str, Sequence[Entry]]], ttl_ms: int) -> list[bool]:
+        """See `taskthrottle.Store.renew`."""
+        check_renew_ttl(ttl_ms)
+        slots = [e for _, entries in leases for e in entries if e.kind == CONCURRENCY]
+        if not slots:
+            return [True] * len(leases)
+        now = round(self._clock() * 1000)
+        with self._locked(slots):
+            return [
+                self._renew(lease_id, entries, now + ttl_ms, now) for lease_id, entries in leases
+            ]
+
+    def _renew(self, lease_id: str, entries: Sequence[Entry], expiry: int, now: int) -> bool:
+        """Moves the expiry of each slot ``lease_id`` holds of ``entries`` to ``expiry``;
+        whether it held them all."""
+        renewed = [
+            self._renew_slot(lease_id, e, expiry, now) for e in entries if e.kind == CONCURRENCY
+        ]
+        return all(renewed)
+
+    def _renew_slot(self, lease_id: str, e: Entry, expiry: int, now: int) -> bool:
+        key_state = self._stripes[hash(e.key) % len(self._stripes)].get(e.key, now)
+        if key_state is None:
+            return False
+        slots: _Slots | None = key_state.fields.get((e.kind, e.name))
+        if slots is None:
+            return False
+        lease = slots.leases.get(lease_id)
+        # Held: live, and of the same weight, as renew.lua finds its member.
+        if lease is None or lease[1] <= now or lease[0] != e.amount:
+            return False
+        slots.add(lease_id, lease[0], expiry)
+        key_state.expires = max(key_state.expires, expiry)
+        return True
 
     def peek(self, entries: Sequence[Entry]) -> list[int]:
         """See `taskthrottle.Store.peek`."""

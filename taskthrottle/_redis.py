@@ -7,8 +7,9 @@ Key schema, for namespace ``ns`` and key ``k``::
 
     {ns}:b:k      HASH    buckets and quotas of k (expires a minute after all are full)
     {ns}:c:k      ZSET    concurrency slots of k  (expires with the last slot)
-    {ns}:op:id    STRING  a lease or settle done lately, so that a call the client sent
-                          again charges once (expires after a minute)
+    {ns}:op:a:id  STRING  a lease acquired lately, and
+    {ns}:op:s:id  STRING  a settle done lately, so that a call the client sent again
+                          charges once (expire after a minute)
 
 Every key carries the hash tag ``{ns}``, so a lease over several keys is one
 script call on Redis Cluster too. The price: a namespace lives in one slot, on
@@ -26,15 +27,23 @@ from typing import Any, TypeVar
 from taskthrottle._exceptions import InvalidInput, StoreError, require
 
 require("redis", "redis")
+require("tenacity", "redis")
 
-import redis  # noqa: E402  (after the check that names the missing extra)
+import redis  # noqa: E402  (after the checks that name the missing extra)
 import redis.asyncio  # noqa: E402
-from redis.backoff import ExponentialBackoff  # noqa: E402
+import tenacity  # noqa: E402
+from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
 from taskthrottle._memory import OP_MEMORY_MS  # noqa: E402
 from taskthrottle._plan import MAX_SHAPES, Shape  # noqa: E402
-from taskthrottle._store import BUCKET, CONCURRENCY, Entry, Outcome  # noqa: E402
+from taskthrottle._store import (  # noqa: E402
+    BUCKET,
+    CONCURRENCY,
+    Entry,
+    Outcome,
+    check_renew_ttl,
+)
 
 
 class Script:
@@ -56,6 +65,7 @@ ACQUIRE = Script("acquire.lua", "prelude.lua", "entries.lua")
 BUCKETS = Script("buckets.lua", "prelude.lua")  # the common request: see the script
 SETTLE = Script("settle.lua", "prelude.lua", "entries.lua")
 PEEK = Script("peek.lua", "prelude.lua", "entries.lua")
+RENEW = Script("renew.lua", "prelude.lua")
 
 
 def check_namespace(namespace: object) -> str:
@@ -71,7 +81,10 @@ class _Codec:
 
     def __init__(self, namespace: str, clock: Callable[[], float] | None) -> None:
         self.tag = "{" + check_namespace(namespace) + "}"
-        self.op_prefix = f"{self.tag}:op:"
+        # Acquires and settles remember their ops apart: no settle id ("<lease>:r", say)
+        # can pass for a lease id, nor the reverse.
+        self.acquired = f"{self.tag}:op:a:"
+        self.settled = f"{self.tag}:op:s:"
         self.clock = clock
         self.encoded: dict[int, tuple[Sequence[Entry], Encoding]] = {}
 
@@ -115,7 +128,7 @@ class _Codec:
         keys, argv, script = self.encoding(entries)
         return (
             script,
-            [self.op_prefix + lease_id, *keys],
+            [self.acquired + lease_id, *keys],
             [self.now(), max_wait_ms, ttl_ms, lease_id, *argv],
         )
 
@@ -123,11 +136,30 @@ class _Codec:
         self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
     ) -> tuple[list[str], list[Any]]:
         keys, argv, _ = self.encoding([*deltas, *release])
-        return [self.op_prefix + op_id, *keys], [self.now(), lease_id, len(deltas), *argv]
+        return [self.settled + op_id, *keys], [self.now(), lease_id, len(deltas), *argv]
 
     def peek(self, entries: Sequence[Entry]) -> tuple[list[str], list[Any]]:
         keys, argv, _ = self.encoding(entries)
-        return [self.op_prefix, *keys], [self.now(), *argv]
+        return [self.acquired, *keys], [self.now(), *argv]
+
+    def renew(
+        self, leases: Sequence[tuple[str, Sequence[Entry]]], ttl_ms: int
+    ) -> tuple[list[str], list[Any]] | None:
+        """The KEYS and ARGV of renew.lua (see there), or None when no lease holds a slot."""
+        keys: list[str] = []
+        index: dict[str, int] = {}
+        argv: list[Any] = [self.now(), check_renew_ttl(ttl_ms)]
+        for lease_id, entries in leases:
+            slots = [e for e in entries if e.kind == CONCURRENCY]
+            argv += [lease_id, len(slots)]
+            for e in slots:
+                zset_key = self.key_names(e.key)[1]
+                i = index.get(zset_key)
+                if i is None:
+                    keys.append(zset_key)
+                    i = index[zset_key] = len(keys)
+                argv.append(f"{i}:{e.amount}:{e.name}")
+        return (keys, argv) if keys else None
 
     def key_names(self, key: str) -> tuple[str, str]:
         return f"{self.tag}:b:{key}", f"{self.tag}:c:{key}"
@@ -153,22 +185,93 @@ def outcome(reply: Any) -> Outcome:
 _new = tuple.__new__
 
 
-def client_options(socket_timeout: float, connect_timeout: float, retries: int) -> dict[str, Any]:
-    """Connection options: short timeouts and a few quick retries, safe because every
-    script is idempotent by its id."""
+def client_options(socket_timeout: float, connect_timeout: float) -> dict[str, Any]:
+    """Connection options: short timeouts, and no retries of redis-py's own: the store
+    retries (see `Retries`), counting every attempt."""
     for name, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise InvalidInput(
                 f"{name} must be a finite number of seconds above zero, got {value!r}"
             )
-    if not isinstance(retries, int) or retries < 0:
-        raise InvalidInput(f"retries must be a whole number of at least 0, got {retries!r}")
     return {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
-        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.01), retries),
+        "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 30,
     }
+
+
+def check_retries(retries: object) -> int:
+    """Return ``retries`` if it is a number of retries: a whole number, at least 0."""
+    if type(retries) is not int or retries < 0:
+        raise InvalidInput(f"retries must be a whole number of at least 0, got {retries!r}")
+    return retries
+
+
+T = TypeVar("T")
+
+#: What a store retries: the connection failed or timed out. The command may have run
+#: anyway (only its reply was lost); sending it again is safe because every script is
+#: idempotent by its op id (an acquire by its lease id, a settle by its own id), and the
+#: rest change nothing twice (peek reads, renew moves expiries to now + ttl again, reset
+#: deletes). Any other Redis error is final.
+RETRIABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class Retries:
+    """The retry policy of a store's calls, through tenacity: ``retries`` more attempts
+    after a connection error or a timeout, each after an exponential wait with jitter
+    (10-20 ms, then 20-30 ms, 40-50 ms, ..., at most 210 ms), then `StoreError`.
+
+    The first attempt runs without tenacity, whose machinery costs more than the rest of
+    an acquire; tenacity takes over once it failed.
+    """
+
+    def __init__(self, retries: int) -> None:
+        self.retries = check_retries(retries)
+
+    def policy(self) -> dict[str, Any]:
+        return {
+            "retry": tenacity.retry_if_exception_type(RETRIABLE),
+            "stop": tenacity.stop_after_attempt(self.retries + 1),
+            "wait": tenacity.wait_exponential(multiplier=0.01, max=0.2)
+            + tenacity.wait_random(0, 0.01),
+            "reraise": True,
+        }
+
+    def error(self, what: str, exc: redis.exceptions.RedisError) -> StoreError:
+        """The `StoreError` for a final ``exc``: what failed, and after how many attempts.
+        Neither the URL nor its password is in it (redis-py's messages name host and port)."""
+        if isinstance(exc, RETRIABLE):
+            attempts = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
+            return StoreError(f"{what} failed after {attempts}: {exc}")
+        return StoreError(f"{what} failed: {exc}")
+
+    def call(self, what: str, first: BaseException, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` again, its first attempt having failed with ``first``."""
+        try:
+            for attempt in tenacity.Retrying(**self.policy()):
+                with attempt:
+                    if attempt.retry_state.attempt_number == 1:
+                        raise first  # the attempt made already: tenacity counts and waits
+                    return fn(*args)
+        except redis.exceptions.RedisError as exc:
+            raise self.error(what, exc) from exc
+        raise AssertionError("unreachable: tenacity returns or raises")
+
+    async def acall(
+        self, what: str, first: BaseException, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """The asyncio twin of `call`."""
+        try:
+            async for attempt in tenacity.AsyncRetrying(**self.policy()):
+                with attempt:
+                    if attempt.retry_state.attempt_number == 1:
+                        raise first
+                    return await fn(*args)
+        except redis.exceptions.RedisError as exc:
+            raise self.error(what, exc) from exc
+        raise AssertionError("unreachable: tenacity returns or raises")
 
 
 C = TypeVar("C")
@@ -185,7 +288,10 @@ def connect(factory: Callable[..., C], url: str, options: dict[str, Any]) -> C:
 class RedisStore:
     """Limiter state in Redis, shared by every process that uses the same namespace.
 
-    ``clock`` overrides Redis ``TIME`` and exists for tests only.
+    A call that meets a connection error or a timeout is tried ``retries`` more times
+    (see `Retries`), then raises `StoreError`; a ``client`` of your own should not retry
+    by itself too (`from_url` makes one that does not). ``clock`` overrides Redis
+    ``TIME`` and exists for tests only.
     """
 
     def __init__(
@@ -194,9 +300,11 @@ class RedisStore:
         *,
         namespace: str = "taskthrottle",
         clock: Callable[[], float] | None = None,
+        retries: int = 2,
     ) -> None:
         self.client = client
         self._codec = _Codec(namespace, clock)
+        self._retries = Retries(retries)
 
     @classmethod
     def from_url(
@@ -212,19 +320,30 @@ class RedisStore:
     ) -> RedisStore:
         """A store on ``redis://``, ``rediss://`` or ``unix://`` ``url``, pooled;
         ``options`` go to `redis.Redis.from_url`."""
-        options = client_options(socket_timeout, connect_timeout, retries) | options
+        options = client_options(socket_timeout, connect_timeout) | options
         client = connect(redis.Redis.from_url, url, options)
-        return cls(client, namespace=namespace, clock=clock)
+        return cls(client, namespace=namespace, clock=clock, retries=retries)
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, retried on a connection error or a timeout; `StoreError` when it
+        fails for good."""
+        try:
+            return fn(*args)
+        except RETRIABLE as exc:
+            failed: BaseException = exc
+        except redis.exceptions.RedisError as exc:
+            raise self._retries.error(what, exc) from exc
+        return self._retries.call(what, failed, fn, *args)
+
+    def _evalsha(self, script: Script, keys: list[str], argv: list[Any]) -> Any:
+        try:
+            return self.client.evalsha(script.sha, len(keys), *keys, *argv)
+        except redis.exceptions.NoScriptError:  # Redis restarted, failed over or flushed
+            self.client.script_load(script.source)
+            return self.client.evalsha(script.sha, len(keys), *keys, *argv)
 
     def _run(self, script: Script, keys: list[str], argv: list[Any]) -> Any:
-        try:
-            try:
-                return self.client.evalsha(script.sha, len(keys), *keys, *argv)
-            except redis.exceptions.NoScriptError:
-                self.client.script_load(script.source)
-                return self.client.evalsha(script.sha, len(keys), *keys, *argv)
-        except redis.exceptions.RedisError as exc:
-            raise StoreError(f"{script.name} failed: {exc}") from exc
+        return self._call(script.name, self._evalsha, script, keys, argv)
 
     def acquire(
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
@@ -242,12 +361,16 @@ class RedisStore:
         """See `taskthrottle.Store.peek`."""
         return [int(x) for x in self._run(PEEK, *self._codec.peek(entries))]
 
+    def renew(self, leases: Sequence[tuple[str, Sequence[Entry]]], ttl_ms: int) -> list[bool]:
+        """See `taskthrottle.Store.renew`: one EVALSHA for every lease."""
+        request = self._codec.renew(leases, ttl_ms)
+        if request is None:
+            return [True] * len(leases)  # no slots to lose, nothing to ask
+        return [x == 1 for x in self._run(RENEW, *request)]
+
     def reset(self, key: str) -> None:
         """See `taskthrottle.Store.reset`."""
-        try:
-            self.client.delete(*self._codec.key_names(key))
-        except redis.exceptions.RedisError as exc:
-            raise StoreError(f"reset of {key!r} failed: {exc}") from exc
+        self._call(f"reset of {key!r}", self.client.delete, *self._codec.key_names(key))
 
 
 class AsyncRedisStore:
@@ -259,11 +382,13 @@ class AsyncRedisStore:
         *,
         namespace: str = "taskthrottle",
         clock: Callable[[], float] | None = None,
+        retries: int = 2,
     ) -> None:
         self.client = client
         # redis-py's stubs type this method differently across versions; it is a coroutine.
         self._evalsha: Callable[..., Awaitable[Any]] = client.evalsha  # type: ignore[assignment,unused-ignore]
         self._codec = _Codec(namespace, clock)
+        self._retries = Retries(retries)
 
     @classmethod
     def from_url(
@@ -278,19 +403,29 @@ class AsyncRedisStore:
         **options: Any,
     ) -> AsyncRedisStore:
         """See `RedisStore.from_url`."""
-        options = client_options(socket_timeout, connect_timeout, retries) | options
+        options = client_options(socket_timeout, connect_timeout) | options
         client = connect(redis.asyncio.Redis.from_url, url, options)
-        return cls(client, namespace=namespace, clock=clock)
+        return cls(client, namespace=namespace, clock=clock, retries=retries)
+
+    async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """See `RedisStore._call`."""
+        try:
+            return await fn(*args)
+        except RETRIABLE as exc:
+            failed: BaseException = exc
+        except redis.exceptions.RedisError as exc:
+            raise self._retries.error(what, exc) from exc
+        return await self._retries.acall(what, failed, fn, *args)
+
+    async def _eval(self, script: Script, keys: list[str], argv: list[Any]) -> Any:
+        try:
+            return await self._evalsha(script.sha, len(keys), *keys, *argv)
+        except redis.exceptions.NoScriptError:  # Redis restarted, failed over or flushed
+            await self.client.script_load(script.source)
+            return await self._evalsha(script.sha, len(keys), *keys, *argv)
 
     async def _run(self, script: Script, keys: list[str], argv: list[Any]) -> Any:
-        try:
-            try:
-                return await self._evalsha(script.sha, len(keys), *keys, *argv)
-            except redis.exceptions.NoScriptError:
-                await self.client.script_load(script.source)
-                return await self._evalsha(script.sha, len(keys), *keys, *argv)
-        except redis.exceptions.RedisError as exc:
-            raise StoreError(f"{script.name} failed: {exc}") from exc
+        return await self._call(script.name, self._eval, script, keys, argv)
 
     async def acquire(
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
@@ -310,12 +445,19 @@ class AsyncRedisStore:
         """See `taskthrottle.Store.peek`."""
         return [int(x) for x in await self._run(PEEK, *self._codec.peek(entries))]
 
+    async def renew(self, leases: Sequence[tuple[str, Sequence[Entry]]], ttl_ms: int) -> list[bool]:
+        """See `taskthrottle.Store.renew`: one EVALSHA for every lease."""
+        request = self._codec.renew(leases, ttl_ms)
+        if request is None:
+            return [True] * len(leases)
+        return [x == 1 for x in await self._run(RENEW, *request)]
+
     async def reset(self, key: str) -> None:
         """See `taskthrottle.Store.reset`."""
-        try:
-            await self.client.delete(*self._codec.key_names(key))
-        except redis.exceptions.RedisError as exc:
-            raise StoreError(f"reset of {key!r} failed: {exc}") from exc
+        await self._call(f"reset of {key!r}", self._delete, *self._codec.key_names(key))
+
+    async def _delete(self, *keys: str) -> Any:
+        return await self.client.delete(*keys)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -94,4 +94,3 @@ class Renewer:
                 self.renew()
             except Exception:  # a bug: say so, and keep renewing
                 log.exception("taskthrottle: renewing slots failed")
-

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from taskthrottle._exceptions import InvalidInput
+from taskthrottle._limits import MAX_EXACT
+
 #: Entry kinds, as sent to a store.
 BUCKET, CONCURRENCY, QUOTA = 0, 1, 2
 
@@ -46,6 +49,15 @@ class Outcome(NamedTuple):
     violations: tuple[tuple[int, int], ...] = ()
 
 
+def check_renew_ttl(ttl_ms: object) -> int:
+    """Return ``ttl_ms`` if it is a renewal's ttl: whole milliseconds, above zero (and
+    below 2**53, as Lua numbers are exact)."""
+    if type(ttl_ms) is not int or not 0 < ttl_ms < MAX_EXACT:
+        msg = f"a renewal's ttl_ms must be whole milliseconds above zero, got {ttl_ms!r}"
+        raise InvalidInput(msg)
+    return ttl_ms
+
+
 class Store(Protocol):
     """Where limiter state lives. Every method is atomic and idempotent by its id."""
 
@@ -56,8 +68,11 @@ class Store(Protocol):
 
         A bucket entry may be charged into debt when its turn lies within
         ``max_wait_ms``; concurrency and quota entries pass only when they fit
-        now. Concurrency slots are held for ``ttl_ms`` after the turn.
-        Repeating a granted ``lease_id`` returns the first answer and charges nothing.
+        now. Concurrency slots are held for ``ttl_ms`` after the turn; the slots
+        ``lease_id`` holds already never count against it, and only move their expiry.
+        Repeating a granted ``lease_id`` (within a minute) returns the first answer and
+        charges no bucket or quota again; its slots are held again from the turn, taken
+        again if they were freed meanwhile and fit, else the repeat is refused.
         """
         ...
 
@@ -70,6 +85,12 @@ class Store(Protocol):
 
     def peek(self, entries: Sequence[Entry]) -> list[int]:
         """The millitokens (or slots) each entry could take now; negative when in debt."""
+        ...
+
+    def renew(self, leases: Sequence[tuple[str, Sequence[Entry]]], ttl_ms: int) -> list[bool]:
+        """Hold the slots of each ``(lease id, entries)`` until ``ttl_ms`` from now, in one
+        operation; per lease, whether all its slots were still held (a slot gone, released
+        or expired, is not taken again). Entries other than concurrency are ignored."""
         ...
 
     def reset(self, key: str) -> None:
@@ -94,6 +115,10 @@ class AsyncStore(Protocol):
 
     async def peek(self, entries: Sequence[Entry]) -> list[int]:
         """See `Store.peek`."""
+        ...
+
+    async def renew(self, leases: Sequence[tuple[str, Sequence[Entry]]], ttl_ms: int) -> list[bool]:
+        """See `Store.renew`."""
         ...
 
     async def reset(self, key: str) -> None:

@@ -16,6 +16,7 @@ from taskthrottle import (
     MemoryStore,
     Throttled,
 )
+from taskthrottle._plan import entries
 from taskthrottle.testing import ManualClock
 
 rpm = Limit.per_minute("rpm", 60)
@@ -82,6 +83,25 @@ def test_reservations_and_reset(run: Callable[[Scenario], None]) -> None:
             await limiter.reserve("k", [per_second], max_wait=0.5)
         await limiter.reset("k")
         assert await limiter.available("k", [per_second]) == {"rps": 1.0}
+
+    run(scenario)
+
+
+def test_renew_holds_slots_longer(run: Callable[[Scenario], None], clock: ManualClock) -> None:
+    """A renewal, awaited, keeps a slot held past its first expiry; a released one is gone."""
+
+    async def scenario(limiter: AsyncLimiter) -> None:
+        held = await limiter.acquire("k", [conc], ttl=10)
+        gone = await limiter.acquire("other", [conc], ttl=10, lease_id="other")
+        await gone.release()
+        clock.advance(8)
+        slot = entries("k", [conc], None)
+        leases = [(held.id, slot), ("other", entries("other", [conc], None))]
+        assert await limiter.store.renew(leases, 10_000) == [True, False]
+        clock.advance(4)
+        with pytest.raises(Throttled) as info:
+            await limiter.acquire("k", [conc])
+        assert info.value.retry_after == 6.0
 
     run(scenario)
 

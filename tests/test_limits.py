@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -111,6 +112,39 @@ class TestBadInput:
         """Quotas reset per day or hour only."""
         with pytest.raises(InvalidInput, match="'week'"):
             Limit.quota("q", 5, per="week")
+
+    @pytest.mark.parametrize(
+        ("make", "what", "value"),
+        [
+            (lambda: Limit.per_second("x", 5, burst=4.6e12), "burst", 4.6e12),
+            (lambda: Limit.per_second("x", 4.6e12), "rate", 4.6e12),
+            (lambda: Limit.per_period("x", 89_999.999, 86_400.001, burst=1e12), "burst", 1e12),
+            (lambda: Limit.concurrency("c", 4.6e12), "slots", 4.6e12),
+            (lambda: Limit.quota("q", 4.6e12), "amount", 4.6e12),
+        ],
+        ids=["burst", "rate", "burst-with-refill", "slots", "amount"],
+    )
+    def test_what_would_pass_2_53_in_lua_is_refused(
+        self, make: Callable[[], Limit], what: str, value: float
+    ) -> None:
+        """Each value below 2**53 thousandths by itself, but not the sums the stores check
+        (capacity + refill x period + an amount up to the capacity): refused by value."""
+        with pytest.raises(InvalidInput, match=rf"the {what} of limit .* got {re_value(value)}$"):
+            make()
+
+    @pytest.mark.parametrize(
+        "limit",
+        [
+            Limit.per_second("x", 5, burst=4_503_599_627_370),
+            Limit.per_period("x", 89_999.999, 86_400.001, burst=615_599_625_570),
+            Limit.concurrency("c", 4_503_599_627_370),
+            Limit.quota("q", 4_503_599_627_370),
+        ],
+    )
+    def test_the_largest_limits_stay_exact(self, limit: Limit) -> None:
+        """Right at the bound a limit is made, and the sums Lua checks stay below 2**53."""
+        cap, refill, period = limit.spec
+        assert cap + refill * period + cap < 2**53
 
     def test_too_fine_grained(self) -> None:
         """A rate whose exact arithmetic would pass 2**53 is refused."""

@@ -42,7 +42,7 @@ def test_remembered_ids_are_bounded(clock: ManualClock) -> None:
     big = Limit.per_second("big", 1_000_000)
     for _ in range(MAX_REMEMBERED + 10):
         limiter.acquire("k", [big])
-    assert len(store._done) <= MAX_REMEMBERED
+    assert len(store._acquired.done) <= MAX_REMEMBERED
 
 
 def test_threads_never_over_admit(clock: ManualClock) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -12,8 +13,18 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from taskthrottle import InvalidInput, Limit, Limiter, RedisStore, StoreError, Throttled
+from taskthrottle import (
+    AsyncRedisStore,
+    InvalidInput,
+    Limit,
+    Limiter,
+    RedisStore,
+    StoreError,
+    Throttled,
+)
+from taskthrottle._plan import entries
 from taskthrottle._redis import ACQUIRE, BUCKETS, PEEK, SETTLE, Script
+from taskthrottle._store import BUCKET, Entry
 
 rpm = Limit.per_minute("rpm", 60)
 tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
@@ -38,13 +49,24 @@ def pttl(client: redis.Redis, key: str | bytes) -> int:
     return int(ttl)
 
 
-def evalsha_calls(client: redis.Redis) -> int:
-    stats: Any = client.info("commandstats")
-    return int(stats["cmdstat_evalsha"]["calls"])
-
-
 def keys_of(client: redis.Redis, namespace: str) -> list[bytes]:
     return sorted(client.scan_iter(match=f"{{{namespace}}}:*"))
+
+
+class CountingRedis(redis.Redis):
+    """A client that notes the name of every command it sends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+
+    @classmethod
+    def at(cls, url: str) -> CountingRedis:
+        return cls(connection_pool=redis.ConnectionPool.from_url(url))
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]))
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
 class TestServerClock:
@@ -147,6 +169,28 @@ class TestKeys:
         lease.release()
         assert client.exists(f"{{{namespace}}}:c:tenant:1") == 0  # the last slot went with it
 
+    # One millitoken a day refills this bucket: repaying two million tokens takes 1.7e17
+    # ms, a number Redis would pass to PEXPIRE in exponent form, which it refuses.
+    glacial = Limit.per_day("glacial", 0.001, burst=4_000_000_000_000)
+
+    @pytest.mark.parametrize(
+        "others", [[], [Limit.quota("q", 9)]], ids=["buckets.lua", "acquire.lua"]
+    )
+    def test_an_expiry_past_1e17_ms_is_still_set(
+        self, limiter: Limiter, client: redis.Redis, namespace: str, others: list[Limit]
+    ) -> None:
+        """An acquire, and an adjust (settle.lua), whose state takes longer than 1e17 ms to
+        expire succeed, and leave the hash with a TTL (the longest one, 2**52 ms)."""
+        hash_key = f"{{{namespace}}}:b:k"
+        lease = limiter.acquire("k", [self.glacial, *others], consume={"glacial": 2_000_000})
+        assert 2**52 - 60_000 < pttl(client, hash_key) <= 2**52
+        client.delete(hash_key)
+        lease = limiter.acquire("k", [self.glacial, *others])
+        assert 0 < pttl(client, hash_key) < 1e17
+        lease.adjust(glacial=2_000_000)
+        assert 2**52 - 60_000 < pttl(client, hash_key) <= 2**52
+        assert limiter.available("k", [self.glacial])["glacial"] == 4e12 - 2_000_001
+
     def test_debt_outlives_its_repayment(
         self, limiter: Limiter, client: redis.Redis, namespace: str
     ) -> None:
@@ -170,6 +214,125 @@ class TestKeys:
         """A namespace must make a hash tag: no braces, not empty."""
         with pytest.raises(InvalidInput, match="namespace"):
             RedisStore.from_url(redis_url, namespace=namespace)  # type: ignore[arg-type]
+
+
+class TestRenew:
+    def test_every_lease_in_one_evalsha(self, redis_url: str, namespace: str) -> None:
+        """Renewing thirty leases over three keys sends one command: one EVALSHA."""
+        client = CountingRedis.at(redis_url)
+        store = RedisStore(client, namespace=namespace)
+        conc = Limit.concurrency("conc", 20)
+        leases = []
+        for n in range(30):
+            lease = entries(f"k{n % 3}", [conc, rpm], None)
+            assert store.acquire(f"lease-{n}", lease, 0, 10_000).granted
+            leases.append((f"lease-{n}", lease))
+        store.settle("lease-7:r", "lease-7", [], leases[7][1][:1])  # its release
+        store.renew(leases[:1], 10_000)  # loads the script
+        client.sent.clear()
+        renewed = store.renew(leases, 600_000)
+        assert client.sent == ["EVALSHA"]
+        assert renewed == [n != 7 for n in range(30)]
+        for key in ("k0", "k1", "k2"):
+            assert 590_000 < pttl(client, f"{{{namespace}}}:c:{key}") <= 600_000
+        client.sent.clear()
+        assert store.renew([], 600_000) == []
+        assert store.renew([("buckets", entries("k0", [rpm], None))], 600_000) == [True]
+        assert client.sent == []
+        client.close()
+
+
+class Closer:
+    """A loopback server that accepts each connection and closes it at once, counting them:
+    every attempt to reach it is one connection, refused by the server's silence."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def closer() -> Iterator[Closer]:
+    server = Closer()
+    yield server
+    server.close()
+
+
+class TestRetries:
+    @pytest.mark.parametrize("retries", [0, 2, 4])
+    def test_connection_errors_are_tried_again_then_a_store_error(
+        self, closer: Closer, retries: int
+    ) -> None:
+        """Each call (an acquire, a reset) makes exactly retries + 1 attempts, one connection
+        each, then raises StoreError saying what failed and after how many attempts; the
+        password of the URL is in no message."""
+        url = f"redis://:s3cret@127.0.0.1:{closer.port}/0"
+        store = RedisStore.from_url(url, retries=retries, connect_timeout=0.2, socket_timeout=0.2)
+        attempts = f"{retries + 1} attempt{'s' if retries else ''}"
+        with pytest.raises(StoreError, match=rf"^buckets\.lua failed after {attempts}: ") as info:
+            store.acquire("x", entries("k", [rpm], None), 0, 1000)
+        assert closer.accepted == retries + 1
+        assert "s3cret" not in str(info.value)
+        with pytest.raises(StoreError, match=rf"^reset of 'k' failed after {attempts}: "):
+            store.reset("k")
+        assert closer.accepted == 2 * (retries + 1)
+
+    def test_the_async_store_retries_alike(self, closer: Closer) -> None:
+        """AsyncRedisStore makes retries + 1 attempts too."""
+
+        async def main() -> None:
+            url = f"redis://127.0.0.1:{closer.port}/0"
+            store = AsyncRedisStore.from_url(url, retries=2, connect_timeout=0.2)
+            try:
+                with pytest.raises(StoreError, match=r"^peek\.lua failed after 3 attempts: "):
+                    await store.peek(entries("k", [rpm], None))
+                assert closer.accepted == 3
+                with pytest.raises(StoreError, match=r"^reset of 'k' failed after 3 attempts: "):
+                    await store.reset("k")
+                assert closer.accepted == 6
+            finally:
+                await store.aclose()
+
+        asyncio.run(main())
+
+    def test_a_client_of_your_own_is_retried_by_the_store(self, closer: Closer) -> None:
+        """`retries` belongs to the store: a client given without retries of its own is
+        tried retries + 1 times too."""
+        client = redis.Redis.from_url(
+            f"redis://127.0.0.1:{closer.port}/0",
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        with pytest.raises(StoreError, match="after 2 attempts"):
+            RedisStore(client, retries=1).peek(entries("k", [rpm], None))
+        assert closer.accepted == 2
+
+    def test_other_errors_are_not_retried(self, redis_url: str, namespace: str) -> None:
+        """An error of the script (here a number past 2**53) is a StoreError at once: one
+        EVALSHA."""
+        client = CountingRedis.at(redis_url)
+        store = RedisStore(client, namespace=namespace, retries=2)
+        store.peek(entries("k", [rpm], None))  # loads the scripts
+        store.acquire("warm", entries("k", [rpm], None), 0, 1000)
+        client.sent.clear()
+        bad = Entry("k", "rpm", BUCKET, 60_000, 1, 1, 2**60)
+        with pytest.raises(StoreError, match=r"^buckets\.lua failed: .*malformed entry"):
+            store.acquire("x", [bad], 0, 1000)
+        assert client.sent == ["EVALSHA"]
+        client.close()
 
 
 class TestConnections:
@@ -198,13 +361,20 @@ class TestConnections:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
-        with pytest.raises(StoreError, match=r"buckets\.lua failed: .*refused"):
-            Limiter(store).acquire("k", [rpm])
+        with pytest.raises(StoreError, match=r"buckets\.lua failed after 1 attempt: .*refused"):
+            store.acquire("k", entries("k", [rpm], None), 0, 1000)
+
+    @pytest.mark.parametrize("retries", [-1, 1.5, None])
+    def test_bad_retries(self, retries: object) -> None:
+        """retries must be a whole number, at least 0."""
+        with pytest.raises(InvalidInput, match="retries"):
+            RedisStore.from_url("redis://127.0.0.1", retries=retries)  # type: ignore[arg-type]
 
 
 class ReplyDropper:
     """A loopback proxy that swallows Redis' reply to the first EVALSHA it forwards,
-    so the client times out and retries a command the server already ran."""
+    so the client times out and retries a command the server already ran. It counts the
+    EVALSHAs it forwards: each one the server runs."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -212,6 +382,7 @@ class ReplyDropper:
         self.port = self.listener.getsockname()[1]
         self.dropped = threading.Event()
         self.closed = False
+        self.evalshas = 0
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self) -> None:
@@ -230,6 +401,8 @@ class ReplyDropper:
     def pipe(self, src: socket.socket, dst: socket.socket, drop: threading.Event, up: bool) -> None:
         try:
             while data := src.recv(65536):
+                if up:
+                    self.evalshas += data.upper().count(b"EVALSHA")
                 if up and b"EVALSHA" in data.upper() and not self.dropped.is_set():
                     self.dropped.set()
                     drop.set()
@@ -249,7 +422,8 @@ class ReplyDropper:
 def test_a_retried_acquire_charges_once(
     redis_url: str, namespace: str, client: redis.Redis
 ) -> None:
-    """redis-py re-sends a timed-out EVALSHA; the server runs it twice and charges once."""
+    """The store sends a timed-out EVALSHA again; the server runs it twice and charges
+    once. (Counted at the proxy: the server's own command counts include other clients'.)"""
     warm = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
     warm.acquire("warm", [rpm])  # the script is loaded: the proxy sees EVALSHA first
     host, port = client.connection_pool.connection_kwargs.get("host"), 6379
@@ -258,9 +432,8 @@ def test_a_retried_acquire_charges_once(
     try:
         url = f"redis://127.0.0.1:{proxy.port}/{client.connection_pool.connection_kwargs['db']}"
         store = RedisStore.from_url(url, namespace=namespace, socket_timeout=0.3, retries=2)
-        before = evalsha_calls(client)
-        Limiter(store).acquire("k", [slow], consume={"rph": 10})
-        runs = evalsha_calls(client) - before
+        store.acquire("x", entries("k", [slow], {"rph": 10}), 0, 1000)
+        runs = proxy.evalshas
     finally:
         proxy.close()
     assert proxy.dropped.is_set()

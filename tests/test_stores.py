@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from taskthrottle import Limit, Limiter, RequestTooLarge, Throttled, Violation
+from taskthrottle import InvalidInput, Limit, Limiter, RequestTooLarge, Throttled, Violation
+from taskthrottle._plan import Target, entries
+from taskthrottle._store import CONCURRENCY, Entry, Store
 from taskthrottle.testing import ManualClock
 
 rpm = Limit.per_minute("rpm", 60)
@@ -15,6 +17,16 @@ def refused(limiter: Limiter, *args: object, **kwargs: object) -> Throttled:
     with pytest.raises(Throttled) as info:
         limiter.acquire(*args, **kwargs)  # type: ignore[arg-type]
     return info.value
+
+
+def request(target: Target, *limits: Limit) -> list[Entry]:
+    """The store entries of a request charging one of each limit, as a limiter sends them."""
+    return entries(target, list(limits) if limits else None, None)
+
+
+def slots(request: list[Entry]) -> list[Entry]:
+    """The concurrency entries of ``request``: what its release frees."""
+    return [e for e in request if e.kind == CONCURRENCY]
 
 
 class TestTokenBucket:
@@ -81,6 +93,13 @@ class TestTokenBucket:
         limiter.acquire("k", [rpm])
         clock.advance(3600)
         assert limiter.available("k", [rpm]) == {"rpm": 60.0}
+
+    def test_the_largest_limit_grants_its_whole_capacity(self, limiter: Limiter) -> None:
+        """A limit at the bound `Limit` allows stays exact in every store, Lua's doubles too:
+        its whole capacity in one request is granted, not refused as malformed."""
+        big = Limit.per_second("big", 5, burst=4_503_599_627_370)
+        limiter.acquire("k", [big], consume={"big": 4_503_599_627_370})
+        assert limiter.available("k", [big]) == {"big": 0.0}
 
     def test_clock_stepping_back_mints_nothing(self, limiter: Limiter, clock: ManualClock) -> None:
         """After a failover to a server whose clock is behind, no tokens appear."""
@@ -355,6 +374,151 @@ class TestIdempotence:
         clock.advance(59.9)  # the bucket is full again by now: a second charge would show
         limiter.acquire("k", [rpm], consume={"rpm": 10}, lease_id="task-7:0")
         assert limiter.available("k", [rpm]) == {"rpm": 60.0}
+
+
+class TestOpIds:
+    """An acquire is remembered by its lease id, a settle by its op id, in two spaces: the
+    release of lease "job" (op "job:r") is no lease "job:r", nor the reverse."""
+
+    def test_a_settle_id_never_passes_for_a_lease_id(self, store: Store) -> None:
+        """Lease "job:r" after lease "job" was released is granted and charged, not replayed."""
+        conc, one = Limit.concurrency("conc", 2), Limit.per_hour("one", 5)
+        both = request("k", one, conc)
+        assert store.acquire("job", both, 0, 60_000).granted
+        store.settle("job:r", "job", [], slots(both))
+        assert store.acquire("job:r", both, 0, 60_000).granted
+        assert store.peek(both) == [3000, 1000]
+
+    def test_a_lease_id_never_passes_for_a_settle_id(self, store: Store) -> None:
+        """Lease "job" releases (op "job:r") although a lease "job:r" was granted before."""
+        conc = Limit.concurrency("conc", 2)
+        slot = request("k", conc)
+        assert store.acquire("job:r", slot, 0, 60_000).granted
+        assert store.acquire("job", slot, 0, 60_000).granted
+        store.settle("job:r", "job", [], slot)
+        assert store.peek(slot) == [1000]
+
+
+class TestOwnSlots:
+    """A lease id that acquires again takes its own slots back: never blocked by them, never
+    holding them twice, and never past the cap."""
+
+    def test_a_repeat_within_the_op_memory_moves_the_slots_expiry(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        """A holder with a 10 s ttl that acquires again at 8 s (a replay: its op is
+        remembered) holds its slot until 18 s, and nobody else gets it before."""
+        slot = request("k", Limit.concurrency("conc", 1))
+        assert store.acquire("holder", slot, 0, 10_000).granted
+        clock.advance(8)
+        again = store.acquire("holder", slot, 0, 10_000)
+        assert (again.granted, again.delay_ms) == (True, 0)
+        assert store.peek(slot) == [0]
+        assert store.acquire("other", slot, 0, 10_000).violations == ((0, 10_000),)
+        clock.advance(9.999)
+        assert store.acquire("other", slot, 0, 10_000).violations == ((0, 1),)
+        assert store.peek(slot) == [0]
+        clock.advance(0.001)
+        assert store.acquire("other", slot, 0, 10_000).granted
+        assert store.peek(slot) == [0]
+
+    def test_a_repeat_after_the_op_memory_is_not_blocked_by_its_own_slot(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        """Its op forgotten, a holder acquiring again passes although the limit is full
+        (of its own slot), and holds that one slot until its new expiry."""
+        slot = request("k", Limit.concurrency("conc", 1))
+        assert store.acquire("holder", slot, 0, 300_000).granted
+        clock.advance(61)
+        assert store.acquire("holder", slot, 0, 300_000).granted
+        assert store.peek(slot) == [0]
+        assert store.acquire("other", slot, 0, 300_000).violations == ((0, 300_000),)
+
+    def test_its_own_slots_are_not_in_its_wait(self, store: Store, clock: ManualClock) -> None:
+        """Refused (the limit shrank to one slot, another lease holds it), a holder waits for
+        that other lease, not for its own slot to expire."""
+        slot = request("k", Limit.concurrency("conc", 2))
+        assert store.acquire("holder", slot, 0, 100_000).granted
+        assert store.acquire("other", slot, 0, 300_000).granted
+        clock.advance(61)
+        shrunk = request("k", Limit.concurrency("conc", 1))
+        again = store.acquire("holder", shrunk, 0, 100_000)
+        assert (again.granted, again.violations) == (False, ((0, 239_000),))
+
+    def test_a_repeat_after_a_release_takes_the_slot_again(self, store: Store) -> None:
+        """A replay holds the slot again, released meanwhile, when it fits; it charges no
+        bucket again."""
+        conc = Limit.concurrency("conc", 1)
+        both = request("k", Limit.per_hour("one", 5), conc)
+        assert store.acquire("job", both, 0, 10_000).granted
+        store.settle("job:r", "job", [], slots(both))
+        assert store.peek(both) == [4000, 1000]
+        assert store.acquire("job", both, 0, 10_000).granted
+        assert store.peek(both) == [4000, 0]
+        assert store.acquire("other", request("k", conc), 0, 10_000).violations == ((0, 10_000),)
+
+    def test_a_repeat_never_exceeds_the_cap(self, store: Store, clock: ManualClock) -> None:
+        """A replay whose slot expired and went to another lease is refused."""
+        both = request("k", Limit.per_hour("one", 5), Limit.concurrency("conc", 1))
+        assert store.acquire("job", both, 0, 1_000).granted
+        clock.advance(2)
+        assert store.acquire("other", both, 0, 10_000).granted
+        again = store.acquire("job", both, 0, 10_000)
+        assert (again.granted, again.violations) == (False, ((1, 10_000),))
+        assert store.peek(both)[1] == 0
+
+
+class TestRenew:
+    """`renew` moves the expiry of slots still held, many leases in one operation."""
+
+    def test_a_renewed_slot_is_held_past_its_first_expiry(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        """Renewed at 8 s for 10 s, a slot taken with a 10 s ttl is held, and counted, until
+        18 s."""
+        slot = request("k", Limit.concurrency("conc", 1))
+        assert store.acquire("a", slot, 0, 10_000).granted
+        clock.advance(8)
+        assert store.renew([("a", slot)], 10_000) == [True]
+        clock.advance(4)
+        assert store.peek(slot) == [0]
+        assert store.acquire("b", slot, 0, 10_000).violations == ((0, 6_000),)
+        clock.advance(6)
+        assert store.acquire("b", slot, 0, 10_000).granted
+
+    def test_a_slot_gone_renews_as_false_and_stays_gone(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        """A released lease and an expired one renew as False; neither slot comes back."""
+        slot = request("k", Limit.concurrency("conc", 2))
+        assert store.acquire("released", slot, 0, 10_000).granted
+        store.settle("released:r", "released", [], slot)
+        assert store.acquire("expired", slot, 0, 1_000).granted
+        clock.advance(1)
+        assert store.renew([("released", slot), ("expired", slot)], 10_000) == [False, False]
+        assert store.peek(slot) == [2000]
+
+    def test_many_leases_at_once(self, store: Store, clock: ManualClock) -> None:
+        """Leases over two keys and two limits: one answer each, in order; a lease that lost
+        one slot is False, its other slot renewed all the same; other entries are ignored."""
+        conc, pool = Limit.concurrency("conc", 5), Limit.concurrency("pool", 5)
+        leases = []
+        for n in range(4):
+            lease = request({"k1": [rpm, conc], "k2": [pool]})
+            assert store.acquire(f"lease-{n}", lease, 0, 10_000).granted
+            leases.append((f"lease-{n}", lease))
+        store.settle("lease-2:r", "lease-2", [], request("k1", conc))
+        clock.advance(8)
+        no_slots = ("buckets", request("k1", rpm))
+        assert store.renew([*leases, no_slots], 10_000) == [True, True, False, True, True]
+        clock.advance(4)
+        assert store.peek(request("k1", conc) + request("k2", pool)) == [2000, 1000]
+
+    def test_nothing_to_renew(self, store: Store) -> None:
+        """No leases: no answers; a bad ttl is refused by value."""
+        assert store.renew([], 10_000) == []
+        with pytest.raises(InvalidInput, match="ttl_ms"):
+            store.renew([("a", request("k", Limit.concurrency("conc", 1)))], 0)
 
 
 class TestWaitTime:

@@ -11,37 +11,46 @@ Returns {1, delay_ms, now_ms} when granted (now_ms alone, an integer, when grant
 no delay: Redis sends a table at a cost of microseconds), or {0, wait_ms, now_ms, i1,
 wait1, ...} (1-based entry index and own wait of each refusing entry) having written
 nothing. Once granted, the lease's turn is recorded, and a repeated call (a client
-retry) replays the grant, charging nothing.
+retry) replays the grant: it charges nothing, and holds the lease's slots again (see
+`replay`). A lease's own slots never count against it.
 ]]
+
+-- The repeat of a grant made at `earlier` (a client retry, or the lease acquiring again
+-- within OP_MEMORY_MS), given each entry's wait. Its buckets and quotas were charged then
+-- and are not again. Its slots are held again from its turn: those it still holds only
+-- move their expiry; those freed meanwhile (released, or expired) are taken again when
+-- they fit now, else the repeat is refused, writing nothing: the cap is never exceeded.
+local function replay(entries, waits, earlier, now, ttl, lease)
+  local delay, refused, worst = max(0, earlier - now), {}, 0
+  for i, e in ipairs(entries) do
+    if e[KIND] == 1 and waits[i] > 0 then
+      refused[#refused + 1], refused[#refused + 2] = i, waits[i]
+      worst = max(worst, waits[i])
+    end
+  end
+  if #refused > 0 then return refusal(refused, worst, now) end
+  hold_slots(entries, now, delay + ttl, lease)
+  return {1, delay, now}
+end
 
 local now = clock()
 local max_wait, ttl, lease = num(ARGV[2]), num(ARGV[3]), ARGV[4]
 local entries, hashes = read_entries(5)
 
-local refused, delay = {}, 0
+local waits, refused, delay = {}, {}, 0
 for i, e in ipairs(entries) do
-  local wait = look(e, now)
-  delay = max(delay, wait)
+  local wait = look(e, now, lease)
+  waits[i], delay = wait, max(delay, wait)
   if wait > (e[KIND] == 0 and max_wait or 0) then
-    refused[#refused + 1] = i
-    refused[#refused + 1] = wait
+    refused[#refused + 1], refused[#refused + 2] = i, wait
   end
 end
 
-local early = answer_before_writing(refused, delay, now)
-if early then return early end
+local earlier = op_replay(refused, delay, now)
+if earlier then return replay(entries, waits, earlier, now, ttl, lease) end
+if #refused > 0 then return refusal(refused, delay, now) end
 
-for _, e in ipairs(entries) do
-  if e[KIND] == 1 then
-    local held = delay + ttl
-    if e[VALUE] > 0 then slots_prune(e[KEY], now) end  -- `look` read the expired ones
-    -- What `look` found held is what the prune left. A lease acquiring again (its op
-    -- forgotten) only moves its expiry: it is counted already.
-    local added = redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))
-    redis.call('ZADD', e[KEY], -1 - (e[USED] + added * e[AMOUNT]), '#' .. e[NAME])
-    if redis.call('PTTL', e[KEY]) < held then redis.call('PEXPIRE', e[KEY], held) end
-  end
-end
+hold_slots(entries, now, delay + ttl, lease)
 charge(hashes, now)
 if delay == 0 then return now end
 return {1, delay, now}

@@ -75,11 +75,13 @@ local early = answer_before_writing(refused, delay, now)
 if early then return early end
 
 if #set > 0 then
-  -- The hash outlives its state by a minute, so that a busy key is extended once a minute.
+  -- The hash outlives its state by a minute, so that a busy key is extended once a minute;
+  -- a debt that takes longer than MAX_EXPIRY to repay is kept that long.
+  ttl = min(ttl, MAX_EXPIRY)
   local extend = now + ttl > (tonumber(stored[2 * n + 1]) or 0)
   if extend then set[#set + 1], set[#set + 2] = 'x', now + ttl + EXPIRY_SLACK end
   redis.call('HSET', hash, unpack(set))
-  if extend then redis.call('PEXPIRE', hash, ttl + EXPIRY_SLACK) end
+  if extend then redis.call('PEXPIRE', hash, expiry_arg(ttl + EXPIRY_SLACK)) end
 end
 if delay == 0 then return now end
 return {1, delay, now}

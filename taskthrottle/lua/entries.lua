@@ -90,6 +90,18 @@ end
 -- ZSCORE away instead of a sum over every lease. The negative score keeps it out of every
 -- range of expiries. Leases that expired still count in it until a write prunes them.
 
+-- The member of e's slots held by `lease`.
+local function slot_member(e, lease)
+  return string.format('%s:%.0f:%s', e[NAME], e[AMOUNT], lease)
+end
+
+-- The slots_mt that `lease` holds of e now (0 when none, or when they expired).
+local function slots_own(e, lease, now)
+  local score = redis.call('ZSCORE', e[KEY], slot_member(e, lease))
+  if score and tonumber(score) > now then return e[AMOUNT] end
+  return 0
+end
+
 -- The slots_mt recorded as held by `name` under `key`.
 local function slots_held(key, name)
   local score = redis.call('ZSCORE', key, '#' .. name)
@@ -125,16 +137,17 @@ local function slots_prune(key, now)
   redis.call('ZREMRANGEBYSCORE', key, 0, string.format('%.0f', now))
 end
 
--- Milliseconds until `amount` more slots of e fit, `used` being held now: the live leases
--- of e's name in order of expiry, read a page at a time, until enough would be free.
-local function slots_wait(e, now, used, amount)
+-- Milliseconds until `amount` more slots of e fit, `used` being held now by other leases
+-- than the member `own` (nil when none): the live leases of e's name in order of expiry,
+-- read a page at a time, until enough would be free.
+local function slots_wait(e, now, used, amount, own)
   local prefix, since, page = e[NAME] .. ':', string.format('(%.0f', now), 100
   for offset = 0, math.huge, page do
     local members = redis.call('ZRANGEBYSCORE', e[KEY], since, '+inf', 'WITHSCORES',
       'LIMIT', offset, page)
     for i = 1, #members, 2 do
       local member = members[i]
-      if string.sub(member, 1, #prefix) == prefix then
+      if string.sub(member, 1, #prefix) == prefix and member ~= own then
         used = used - tonumber(string.match(member, '^(%d+):', #prefix + 1))
         if used + amount <= e[CAP] then return max(1, tonumber(members[i + 1]) - now) end
       end
@@ -144,9 +157,10 @@ local function slots_wait(e, now, used, amount)
   return error('taskthrottle: slots requested exceed the capacity')
 end
 
--- Brings e's state to `now` and returns the wait (ms) before e's amount fits. Mirrors
+-- Brings e's state to `now` and returns the wait (ms) before e's amount fits; the slots
+-- that `lease` (nil for none) holds of e already do not count against it. Mirrors
 -- quota_used, quota_wait and slots_wait of _algorithms.py.
-local function look(e, now)
+local function look(e, now, lease)
   local kind, amount, cap = e[KIND], e[AMOUNT], e[CAP]
   if kind == 0 then
     local debit, anchor, used = bucket_level(e[VALUE], e[SINCE], now, e[REFILL], e[PERIOD])
@@ -163,7 +177,29 @@ local function look(e, now)
   local used = slots_held(e[KEY], e[NAME]) - (expired[e[NAME]] or 0)
   e[VALUE], e[USED] = #members, used
   if used + amount <= cap then return 0 end
-  return slots_wait(e, now, used, amount)
+  -- A lease acquiring again while it holds its slots only moves their expiry (see
+  -- hold_slots): what it holds is not in its way. Read only when it could matter.
+  local own = lease and slots_own(e, lease, now) or 0
+  if used - own + amount <= cap then return 0 end
+  return slots_wait(e, now, used - own, amount, own > 0 and slot_member(e, lease) or nil)
+end
+
+-- Holds the slots of every concurrency entry for `lease` until now + held, as `look` left
+-- them (they fit): a new member is counted, while a lease holding its member already (it
+-- acquires again) only moves its expiry.
+local function hold_slots(entries, now, held, lease)
+  local expire = min(held, MAX_EXPIRY)
+  for _, e in ipairs(entries) do
+    if e[KIND] == 1 then
+      if e[VALUE] > 0 then slots_prune(e[KEY], now) end  -- `look` read the expired ones
+      -- What `look` found held is what the prune left.
+      local added = redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))
+      redis.call('ZADD', e[KEY], -1 - (e[USED] + added * e[AMOUNT]), '#' .. e[NAME])
+      if redis.call('PTTL', e[KEY]) < expire then
+        redis.call('PEXPIRE', e[KEY], expiry_arg(expire))
+      end
+    end
+  end
 end
 
 -- Adds each entry's amount to the buckets and quotas of `hashes`, as `look` left them,
@@ -193,16 +229,13 @@ local function charge(hashes, now)
         set[n + 1], set[n + 2], set[n + 3], set[n + 4] = e[FIELD], value, e[FIELD2], since
       end
     end
+    ttl = min(ttl, MAX_EXPIRY)  -- a debt that takes longer to repay is kept this long
     local extend = ttl > 0 and now + ttl > hash[2]
     if extend then
       set[#set + 1], set[#set + 2] = 'x', now + ttl + EXPIRY_SLACK
     end
     if #set > 0 then redis.call('HSET', hash[1], unpack(set)) end
     if #del > 0 then redis.call('HDEL', hash[1], unpack(del)) end
-    if extend then redis.call('PEXPIRE', hash[1], ttl + EXPIRY_SLACK) end
+    if extend then redis.call('PEXPIRE', hash[1], expiry_arg(ttl + EXPIRY_SLACK)) end
   end
-end
-
-local function slot_member(e, lease)
-  return string.format('%s:%.0f:%s', e[NAME], e[AMOUNT], lease)
 end

@@ -1,8 +1,10 @@
 --[[ prelude.lua: what every script starts with (after the constant the client shares,
 OP_MEMORY_MS): the clock and the op memory.
 
-KEYS[1]     `{ns}:op:<op id>`: STRING, the turn (ms) of an op already done, kept for
-            OP_MEMORY_MS so that a call the client sends again changes nothing
+KEYS[1]     the op: `{ns}:op:a:<lease id>` for an acquire, `{ns}:op:s:<op id>` for a
+            settle (two spaces, so that no settle id can pass for a lease id); a STRING,
+            the turn (ms) of an op already done, kept for OP_MEMORY_MS so that a call the
+            client sends again changes nothing
 KEYS[2..]   the keys entries name by index: `{ns}:b:<key>`, a HASH of buckets and
             quotas, two fields each ("b:<name>" = debit_mt and "b@<name>" = anchor_ms for a
             bucket; "q:<name>" = used_mt and "q@<name>" = window index for a quota), and
@@ -16,7 +18,9 @@ Amounts may be negative in settle.lua.
 
 Numbers are Lua doubles: every integer here stays below 2^53 (the client checks, and so
 do the scripts), so floor(a / b) is exact. State goes to redis.call as numbers, which Redis
-writes exactly (tostring and '..' would keep only 14 digits).
+writes exactly (tostring and '..' would keep only 14 digits). Expiries are the exception:
+Redis formats a number with %.17g, which from 1e17 on is exponent form, and PEXPIRE
+refuses that after the writes before it; so each goes through `expiry_arg`.
 
 Scripts read TIME before they write, which Redis allows since it replicates a script's
 effects rather than the script (the only way since Redis 7, the default since 5).
@@ -31,7 +35,16 @@ because the client packs each argument in Python, at about a third of a microsec
 -- extended about once a minute rather than on every write.
 local EXPIRY_SLACK = 60000
 local LIMIT = 9007199254740992
-local floor, max = math.floor, math.max
+-- The longest expiry (ms) any key or slot is given: 2^52 ms, some 142,000 years, far past
+-- what any state needs, and short enough that now plus it is still an exact integer.
+local MAX_EXPIRY = 4503599627370496
+local floor, max, min = math.floor, math.max, math.min
+
+-- `ms` as PEXPIRE takes it: an integer in [1, MAX_EXPIRY], formatted with '%.0f', since
+-- Redis would pass a number of 1e17 or more in exponent form, and refuse it.
+local function expiry_arg(ms)
+  return string.format('%.0f', min(max(ms, 1), MAX_EXPIRY))
+end
 
 local function num(text)
   local value = tonumber(text)
@@ -69,20 +82,29 @@ local function op_claim(turn, now)
   return nil
 end
 
--- What an acquire answers before it writes anything, given the index and wait of each
--- refusing entry and the delay of the whole request: the replay of an earlier grant of
--- this lease (a client retry), or the refusal; nil when granted now, its turn recorded.
--- Only a grant records the lease: a refusal may still be the repeat of a grant.
-local function answer_before_writing(refused, delay, now)
-  local earlier
-  if #refused == 0 then
-    earlier = op_claim(now + delay, now)
-  else
-    earlier = op_recall(now)
-  end
-  if earlier then return {1, max(0, earlier - now), now} end
-  if #refused == 0 then return nil end
+-- The turn an earlier grant of this lease recorded (a client retry), or nil. A request
+-- granted now (nothing `refused`) records its own turn, now + delay, with the same call;
+-- a refusal records nothing, and may still be the repeat of a grant.
+local function op_replay(refused, delay, now)
+  if #refused == 0 then return op_claim(now + delay, now) end
+  return op_recall(now)
+end
+
+-- The reply of a refusal: the delay of the whole request, then the index and wait of each
+-- refusing entry.
+local function refusal(refused, delay, now)
   local reply = {0, delay, now}
   for _, value in ipairs(refused) do reply[#reply + 1] = value end
   return reply
+end
+
+-- What an acquire of buckets alone answers before it writes anything, given the index and
+-- wait of each refusing entry and the delay of the whole request: the replay of an
+-- earlier grant of this lease (which charged them already), or the refusal; nil when
+-- granted now, its turn recorded.
+local function answer_before_writing(refused, delay, now)
+  local earlier = op_replay(refused, delay, now)
+  if earlier then return {1, max(0, earlier - now), now} end
+  if #refused == 0 then return nil end
+  return refusal(refused, delay, now)
 end

@@ -6,11 +6,13 @@ small subclasses at the end of each pair.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from taskthrottle._exceptions import InvalidInput
+from taskthrottle._limits import MAX_EXACT
 from taskthrottle._plan import milli_amount
 from taskthrottle._store import CONCURRENCY, AsyncStore, Entry, Store
 
@@ -59,6 +61,8 @@ class _LeaseBase:
                         f"consumed ({e.amount / 1000:g})"
                     )
                     raise InvalidInput(msg)
+                if e.cap + e.refill * e.period + abs(delta) >= MAX_EXACT:  # as Lua checks
+                    raise InvalidInput(f"adjust({name}={value!r}) is too large")
                 out.append(e._replace(amount=delta))
         if not out:
             return "", out
@@ -90,6 +94,13 @@ class _LeaseBase:
     def __repr__(self) -> str:
         kind = type(self).__name__
         return f"<{kind} {self.id} consumed={self.consumed} released={self.released}>"
+
+
+def _release_id(lease_id: str) -> str:
+    """A release's op id, new for every release: freeing a slot is idempotent by itself (a
+    member removed twice counts once), while a remembered id would ignore the release of a
+    slot that a redelivery of the same lease took again within the op memory."""
+    return f"{lease_id}:r{os.urandom(6).hex()}"
 
 
 class Lease(_LeaseBase):
@@ -131,7 +142,7 @@ class Lease(_LeaseBase):
                 self._renewal[0].drop(self.id)
             slots = self._slots()
             if slots:
-                self._store.settle(f"{self.id}:r", self.id, [], slots)
+                self._store.settle(_release_id(self.id), self.id, [], slots)
             self.released = True
 
     def __enter__(self) -> Lease:
@@ -166,7 +177,7 @@ class AsyncLease(_LeaseBase):
         if not self.released:
             slots = self._slots()
             if slots:
-                await self._store.settle(f"{self.id}:r", self.id, [], slots)
+                await self._store.settle(_release_id(self.id), self.id, [], slots)
             self.released = True
 
     async def __aenter__(self) -> AsyncLease:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from taskthrottle import Limit, Limiter, MemoryStore, Throttled
+from taskthrottle import InvalidInput, Limit, Limiter, MemoryStore, Throttled
 from taskthrottle._store import Entry, Store
 from taskthrottle.testing import ManualClock
 from tests.helpers import wait_for
@@ -95,3 +95,24 @@ def test_a_renewer_thread_runs_while_leases_are_held() -> None:
     lease.release()
     wait_for(lambda: limiter.renewer._thread is None, 10, "the renewer to stop")
     assert limiter.renewer.held() == []
+
+
+def test_a_redelivered_lease_releases_its_slot_again(store: Store, clock: ManualClock) -> None:
+    """A lease id that runs again within the op memory (a redelivery of the same attempt)
+    takes its released slot again, and its second release frees it again."""
+    limiter = Limiter(store, lease_ttl=10)
+    limiter.acquire("k", [one], lease_id="task:0:0").release()
+    again = limiter.acquire("k", [one], lease_id="task:0:0")
+    with pytest.raises(Throttled):
+        limiter.acquire("k", [one])
+    again.release()
+    limiter.acquire("k", [one])
+
+
+def test_an_adjust_too_large_for_the_store_is_refused(store: Store) -> None:
+    """An adjust that the store could not hold exactly is refused before it is sent."""
+    big = Limit.per_second("big", 2**40)  # room for 7.9e12 more tokens in a Lua number
+    lease = Limiter(store).acquire("k", [big])
+    with pytest.raises(InvalidInput, match=r"adjust\(big=8000000000000\) is too large$"):
+        lease.adjust(big=8_000_000_000_000)
+    lease.adjust(big=7_000_000_000_000)

@@ -7,6 +7,7 @@ small subclasses at the end of each pair.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 class _LeaseBase:
     """The entries a lease charged, with its net charge on each."""
 
-    __slots__ = ("_entries", "_pending", "_steps", "granted_at", "id", "released")
+    __slots__ = ("__weakref__", "_entries", "_pending", "_steps", "granted_at", "id", "released")
 
     def __init__(self, lease_id: str, entries: list[Entry], granted_at: float) -> None:
         #: The lease id; the store knows the lease's slots by it.
@@ -126,6 +127,8 @@ class Lease(_LeaseBase):
         if renewer is not None and slots and not self.released:
             self._renewal = renewer, ttl_ms
             renewer.hold(self.id, slots, ttl_ms)
+            # A lease dropped without release stops being renewed: its slots then expire.
+            weakref.finalize(self, renewer.drop, self.id)
         return self
 
     def adjust(self, **changes: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 
@@ -32,8 +33,8 @@ def test_a_live_lease_outlives_its_ttl(store: Store, clock: ManualClock) -> None
 def test_a_dead_holders_slot_frees_within_the_ttl(store: Store, clock: ManualClock) -> None:
     """A holder that stops renewing (its process died) frees its slot within the TTL."""
     holder = Limiter(store, lease_ttl=10)
-    holder.acquire("k", [one])
-    holder.renewer.drop(holder.renewer.held()[0])  # as if its process were gone
+    lease = holder.acquire("k", [one])
+    holder.renewer.drop(lease.id)  # as if its process were gone
     other = Limiter(store, lease_ttl=10)
     clock.advance(9)
     with pytest.raises(Throttled):
@@ -79,8 +80,7 @@ def test_one_store_call_renews_every_lease(clock: ManualClock) -> None:
     """However many leases a process holds, one call renews them all."""
     store = CountingStore(clock)
     limiter = Limiter(store, lease_ttl=10)
-    for i in range(20):
-        limiter.acquire(f"k{i}", [one, two])
+    leases = [limiter.acquire(f"k{i}", [one, two]) for i in range(20)]
     limiter.renewer.renew()
     assert store.renewals == [20]
 
@@ -116,3 +116,12 @@ def test_an_adjust_too_large_for_the_store_is_refused(store: Store) -> None:
     with pytest.raises(InvalidInput, match=r"adjust\(big=8000000000000\) is too large$"):
         lease.adjust(big=8_000_000_000_000)
     lease.adjust(big=7_000_000_000_000)
+
+
+def test_a_lease_dropped_unreleased_stops_being_renewed(clock: ManualClock) -> None:
+    """A lease its caller forgot (never released, no longer referenced) is renewed no more,
+    so its slot expires with the TTL instead of being held for the life of the process."""
+    limiter = Limiter(MemoryStore(clock=clock), lease_ttl=10)
+    limiter.acquire("k", [one])  # not kept
+    gc.collect()
+    assert limiter.renewer.held() == []

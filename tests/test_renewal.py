@@ -83,6 +83,7 @@ def test_one_store_call_renews_every_lease(clock: ManualClock) -> None:
     leases = [limiter.acquire(f"k{i}", [one, two]) for i in range(20)]
     limiter.renewer.renew()
     assert store.renewals == [20]
+    assert all(not lease.released for lease in leases)
 
 
 def test_a_renewer_thread_runs_while_leases_are_held() -> None:

@@ -176,7 +176,8 @@ class ThrottleMiddleware(Middleware):
         if turn.offline:
             meta["due"] = time.time() + turn.wait
         copy = message.copy(options={**message.options, OPTION: meta})
-        if turn.offline or turn.wait <= self.state.settings.park_after or not self._park(copy):
+        parks = not turn.offline and turn.wait > self.state.settings.park_after
+        if not (parks and self._park(copy, turn.wait)):
             try:
                 broker.enqueue(copy, delay=max(1, round(turn.wait * 1000)))
             except Exception as exc:
@@ -189,12 +190,11 @@ class ThrottleMiddleware(Middleware):
         message.options["store_results"] = False
         raise SkipMessage("taskthrottle: deferred to its turn")
 
-    def _park(self, copy: Any) -> bool:
-        """Park ``copy`` until its turn (released with a token of its own); False if
+    def _park(self, copy: Any, wait: float) -> bool:
+        """Park ``copy`` for ``wait`` seconds (released with a token of its own); False if
         parking failed."""
         meta = {k: v for k, v in copy.options[OPTION].items() if k != "token"}
         parked = copy.copy(options={**copy.options, OPTION: meta})
-        wait = max(0.0, float(meta.get("due", time.time())) - time.time())
         try:
             self.state.deferrals().park(copy.message_id, wait, parked.encode())
         except StoreError:

@@ -286,3 +286,37 @@ def test_each_retry_is_a_new_attempt_that_pays(broker: StubBroker) -> None:
         worker.stop()
     assert len(set(leases)) == 3, leases
     assert limiter.available("retry", [Limit.per_hour("rph", 10)]) == {"rph": 7.0}
+
+
+class Deliveries(dramatiq.Middleware):
+    """Counts the deliveries of each message."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        self.counts[message.message_id] = self.counts.get(message.message_id, 0) + 1
+
+
+def test_a_parked_message_waits_for_its_turn(broker: StubBroker) -> None:
+    """A message parked without a reservation (its turn lies past the horizon) comes back
+    after its retry-after, not spun through the queue meanwhile."""
+    deliveries = Deliveries()
+    broker.add_middleware(deliveries)
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore()), horizon=0))
+    ran: list[int] = []
+
+    @dramatiq.actor(throttle={"rps": 4, "key": "parked"}, max_retries=0)
+    def job(n: int) -> None:
+        ran.append(n)
+
+    worker = start(broker)
+    try:
+        for n in range(8):  # four now, four a second later
+            job.send(n)
+        wait_for(lambda: len(ran) >= 8, 10, "8 runs")
+    finally:
+        worker.stop()
+    assert sorted(ran) == list(range(8))
+    assert sorted(deliveries.counts.values())[:4] == [1, 1, 1, 1]
+    assert max(deliveries.counts.values()) <= 4, deliveries.counts

@@ -306,17 +306,17 @@ def test_a_parked_message_waits_for_its_turn(broker: StubBroker) -> None:
     broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore()), horizon=0))
     ran: list[int] = []
 
-    @dramatiq.actor(throttle={"rps": 4, "key": "parked"}, max_retries=0)
+    @dramatiq.actor(throttle={"rps": 2, "key": "parked"}, max_retries=0)
     def job(n: int) -> None:
         ran.append(n)
 
     worker = start(broker)
     try:
-        for n in range(8):  # four now, four a second later
+        for n in range(8):  # two now, the others over three seconds, competing each time
             job.send(n)
         wait_for(lambda: len(ran) >= 8, 10, "8 runs")
     finally:
         worker.stop()
     assert sorted(ran) == list(range(8))
-    assert sorted(deliveries.counts.values())[:4] == [1, 1, 1, 1]
-    assert max(deliveries.counts.values()) <= 4, deliveries.counts
+    assert sorted(deliveries.counts.values())[:2] == [1, 1]
+    assert max(deliveries.counts.values()) <= 10, deliveries.counts  # not every 50 ms

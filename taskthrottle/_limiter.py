@@ -66,10 +66,12 @@ def _request(
     return charged, ttl_ms, new_id() if lease_id is None else check_key(lease_id)
 
 
-def _answer(outcome: Outcome, charged: list[Entry], metrics: Metrics | None) -> None:
-    """Raise `Throttled` for a refusal; report the outcome either way."""
+def _answer(
+    outcome: Outcome, charged: list[Entry], metrics: Metrics | None, *, report: bool = True
+) -> None:
+    """Raise `Throttled` for a refusal; report the outcome (a grant only if ``report``)."""
     if outcome.granted:
-        if metrics is not None:
+        if metrics is not None and report:
             metrics.granted(outcome.delay_ms / 1000)
         return
     violations = tuple(
@@ -171,9 +173,16 @@ class Limiter:
         return self.renewer if store is self._guarded else None
 
     def _charge(
-        self, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
+        self,
+        lease_id: str,
+        charged: list[Entry],
+        max_wait_ms: int,
+        ttl_ms: int,
+        *,
+        report: bool = True,
     ) -> tuple[Outcome, Store]:
-        """The store's grant and the store its lease settles with, or `Throttled`."""
+        """The store's grant and the store its lease settles with, or `Throttled`; a grant
+        is reported to the metrics when ``report``."""
         outage = self.outage
         if outage.since is None or outage.may_call():
             try:
@@ -183,7 +192,7 @@ class Limiter:
                 return self._without_store(exc, lease_id, charged, max_wait_ms, ttl_ms)
             if outage.since is not None:
                 outage.answered()
-            _answer(outcome, charged, self.metrics)
+            _answer(outcome, charged, self.metrics, report=report)
             return outcome, self._guarded
         down = StoreError(f"the store is unavailable (for {outage.down_for():.1f} s)")
         return self._without_store(down, lease_id, charged, max_wait_ms, ttl_ms)
@@ -238,17 +247,25 @@ class Limiter:
         delay, made_at = outcome.delay_ms / 1000, outcome.now_ms / 1000
         return Reservation(store, lease_id, charged, delay, made_at, renewal)
 
-    def restore(
+    def redeem(
         self,
         lease_id: str,
         target: Target,
         limits: Sequence[Limit] | None = None,
         consume: Consume | None = None,
     ) -> Lease:
-        """The lease of an earlier grant or reservation, rebuilt from the same request (in
-        the process that runs the task, say); charges nothing."""
-        lease = Lease(self._guarded, check_key(lease_id), entries(target, limits, consume))
-        return lease._keep_held(self.renewer, self._ttl_ms)
+        """The lease of a turn booked by `reserve` with this ``lease_id`` (in another
+        process, say), for the same request.
+
+        The store replays its booking, charging nothing, while its turn is ahead or less
+        than a minute past; a lease id it never booked (a forged or stale one) is charged
+        like `acquire`, and may raise `Throttled`. A replay is not reported to ``metrics``:
+        the booking was.
+        """
+        charged, ttl_ms, lease_id = _request(target, limits, consume, None, self._ttl_ms, lease_id)
+        outcome, store = self._charge(lease_id, charged, 0, ttl_ms, report=False)
+        lease = Lease(store, lease_id, charged, outcome.now_ms / 1000)
+        return lease._keep_held(self._renewer_for(store), ttl_ms)
 
     def available(self, key: str, limits: Sequence[Limit]) -> dict[str, float]:
         """What each limit could grant now (negative when in debt); changes nothing."""
@@ -325,7 +342,13 @@ class AsyncLimiter:
         self._local: MemoryStore | None = None
 
     async def _charge(
-        self, lease_id: str, charged: list[Entry], max_wait_ms: int, ttl_ms: int
+        self,
+        lease_id: str,
+        charged: list[Entry],
+        max_wait_ms: int,
+        ttl_ms: int,
+        *,
+        report: bool = True,
     ) -> tuple[Outcome, AsyncStore]:
         """See `Limiter._charge`."""
         outage = self.outage
@@ -337,7 +360,7 @@ class AsyncLimiter:
                 return await self._without_store(exc, lease_id, charged, max_wait_ms, ttl_ms)
             if outage.since is not None:
                 outage.answered()
-            _answer(outcome, charged, self.metrics)
+            _answer(outcome, charged, self.metrics, report=report)
             return outcome, self._guarded
         down = StoreError(f"the store is unavailable (for {outage.down_for():.1f} s)")
         return await self._without_store(down, lease_id, charged, max_wait_ms, ttl_ms)
@@ -381,15 +404,17 @@ class AsyncLimiter:
             store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000
         )
 
-    def restore(
+    async def redeem(
         self,
         lease_id: str,
         target: Target,
         limits: Sequence[Limit] | None = None,
         consume: Consume | None = None,
     ) -> AsyncLease:
-        """See `Limiter.restore`."""
-        return AsyncLease(self._guarded, check_key(lease_id), entries(target, limits, consume))
+        """See `Limiter.redeem`."""
+        charged, ttl_ms, lease_id = _request(target, limits, consume, None, self._ttl_ms, lease_id)
+        outcome, store = await self._charge(lease_id, charged, 0, ttl_ms, report=False)
+        return AsyncLease(store, lease_id, charged, outcome.now_ms / 1000)
 
     async def available(self, key: str, limits: Sequence[Limit]) -> dict[str, float]:
         """See `Limiter.available`."""

@@ -197,11 +197,12 @@ def book_turn(
         meta = {}
     generation = int(meta.get("gen", 0))
     booked = meta.get("lease")
-    if booked:  # a copy handed back for its booked turn: charge nothing again
-        lease = limiter.restore(booked, ask.target, consume=ask.consume)
-        if time.time() - float(meta.get("due", 0)) <= settings.late_after:
-            return lease
-        give_back(lease)  # far past its turn: it would start with every other late copy
+    if booked:  # a copy handed back for its booked turn
+        lease = _redeem(limiter, booked, ask)
+        if lease is not None:
+            if time.time() - float(meta.get("due", 0)) <= settings.late_after:
+                return lease
+            give_back(lease)  # far past its turn: it would start with every other late copy
     again = {"gen": generation + 1, "attempt": attempt}
     lease_id = f"{message_id}:{attempt}:{generation}"
     try:
@@ -216,6 +217,19 @@ def book_turn(
         return reservation.redeem()
     due = time.time() + reservation.delay
     return Defer({**again, "lease": lease_id, "due": due}, reservation.delay)
+
+
+def _redeem(limiter: Limiter, booked: object, ask: Request) -> Lease | None:
+    """The lease of a booked turn: acquiring again with its id replays the booking, which
+    the store remembers until the turn and a minute more, charging nothing. A forged,
+    copied or stale header names a lease the store never booked (or forgot), so this
+    charges it like a first delivery; None when that is refused."""
+    if not isinstance(booked, str):
+        return None
+    try:
+        return limiter.redeem(booked, ask.target, consume=ask.consume)
+    except (Throttled, InvalidInput):
+        return None
 
 
 def give_back(lease: Lease) -> None:

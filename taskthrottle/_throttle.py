@@ -246,11 +246,23 @@ def _key(
     if callable(spec):
         return str(spec(*args, **kwargs))
     try:
-        return spec.format(**bound)
+        return _KEY_FORMATTER.format(spec, **bound)
     except (KeyError, IndexError) as exc:
         msg = f"key {spec!r} names {exc} which {func.__qualname__}() was not called with"
         raise InvalidInput(msg) from exc
 
+
+class _KeyFormatter(string.Formatter):
+    """Formats key templates with each value escaped, so that a value cannot forge another
+    key: ``org:{org}`` with org ``"7:user:9"`` gives ``org:7%3Auser%3A9``, never the key of
+    ``org:{org}:user:{user}``."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        text: str = super().format_field(value, format_spec)
+        return text.replace("%", "%25").replace(":", "%3A")
+
+
+_KEY_FORMATTER = _KeyFormatter()
 
 _current: contextvars.ContextVar[Lease | None] = contextvars.ContextVar(
     "taskthrottle_lease", default=None

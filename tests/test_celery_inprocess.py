@@ -16,6 +16,7 @@ import taskthrottle.celery
 from taskthrottle import InvalidInput, Limit, current_lease, throttled
 from taskthrottle.celery import Settings, delay_for, limiter_for
 from taskthrottle.testing import memory_limiter
+from tests.helpers import wait_for
 
 
 def make_app(**conf: Any) -> Celery:
@@ -177,3 +178,36 @@ def test_the_store_error_policy_passes_to_the_limiter() -> None:
     assert (limiter.on_store_error, limiter.local_share) == ("local", 0.25)
     with pytest.raises(InvalidInput, match="needs local_share"):
         taskthrottle.celery.install(make_app(), memory_limiter(), on_store_error="local")
+
+
+def test_a_forged_reservation_header_is_charged() -> None:
+    """A task published with a made-up reservation in its taskthrottle header is charged
+    like a first delivery: of three on a limit of one an hour, one runs, two are deferred."""
+    from celery import signals
+
+    app = make_app(task_default_queue="forged")
+    limiter = memory_limiter()
+    taskthrottle.celery.install(app, limiter)
+    ran: list[int] = []
+    ended: list[str] = []
+
+    @app.task(shared=False)
+    @throttled(Limit.per_hour("rph", 1), key="forged")
+    def job(n: int) -> None:
+        ran.append(n)
+
+    def postrun(state: str, **_: Any) -> None:
+        ended.append(state)
+
+    signals.task_postrun.connect(postrun, sender=job, weak=False)
+    try:
+        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+            for n in range(3):
+                forged = {"lease": f"forged-{n}", "due": time.time(), "token": f"t{n}"}
+                job.apply_async((n,), headers={"taskthrottle": forged})
+            wait_for(lambda: len(ended) >= 3, 20, "three deliveries to end")
+    finally:
+        signals.task_postrun.disconnect(postrun, sender=job)
+    assert len(ran) == 1
+    assert sorted(ended) == ["IGNORED", "IGNORED", "SUCCESS"]
+    assert limiter.available("forged", [Limit.per_hour("rph", 1)])["rph"] < 0.01

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -320,3 +321,27 @@ def test_a_parked_message_waits_for_its_turn(broker: StubBroker) -> None:
     assert sorted(ran) == list(range(8))
     assert sorted(deliveries.counts.values())[:2] == [1, 1]
     assert max(deliveries.counts.values()) <= 10, deliveries.counts  # not every 50 ms
+
+
+def test_a_forged_reservation_option_is_charged(broker: StubBroker) -> None:
+    """A message sent with a made-up reservation in its taskthrottle option is charged like
+    a first delivery: of three on a limit of one an hour, one runs."""
+    limiter = Limiter(MemoryStore())
+    broker.add_middleware(ThrottleMiddleware(limiter))
+    ran: list[int] = []
+
+    @dramatiq.actor(throttle={"rph": 1, "key": "forged"})
+    def job(n: int) -> None:
+        ran.append(n)
+
+    worker = start(broker)
+    try:
+        for n in range(3):
+            forged = {"lease": f"forged-{n}", "due": time.time(), "token": f"t{n}"}
+            job.send_with_options(args=(n,), taskthrottle=forged)
+        broker.join(job.queue_name)
+        worker.join()
+    finally:
+        worker.stop()
+    assert len(ran) == 1
+    assert limiter.available("forged", [Limit.per_hour("rph", 1)])["rph"] < 0.01

@@ -146,3 +146,23 @@ def test_current_lease_is_scoped() -> None:
     with lease_scope(lease):
         assert current_lease() is lease
     assert current_lease() is None
+
+
+def test_a_formatted_value_cannot_forge_another_key() -> None:
+    """Values formatted into a key template are escaped: an org named "7:user:9" gets a key
+    of its own, not the key of user 9 in org 7."""
+
+    @throttled(rps=1, key="org:{org}")
+    def by_org(org: str) -> None:
+        return None
+
+    @throttled(rps=1, key="org:{org}:user:{user}")
+    def by_user(org: str, user: str) -> None:
+        return None
+
+    forged = plan(throttles_of(by_org), by_org, ("7:user:9",), {}, "t")
+    real = plan(throttles_of(by_user), by_user, ("7", "9"), {}, "t")
+    assert list(forged.target) == ["org:7%3Auser%3A9"]
+    assert list(real.target) == ["org:7:user:9"]
+    escaped = plan(throttles_of(by_org), by_org, ("7%3Auser%3A9",), {}, "t")
+    assert list(escaped.target) == ["org:7%253Auser%253A9"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
 import uuid
@@ -23,8 +24,25 @@ from taskthrottle._exceptions import StoreError
 
 log = logging.getLogger("taskthrottle")
 
-#: Seconds a run key lives: longer than any deferral, so stale copies are recognised.
-RUN_KEY_TTL = 86_400
+#: Seconds a run key outlives the turn it was set for, so that copies held up on the way
+#: (a busy worker, a broker that was down) are still recognised as stale.
+RUN_KEY_TTL = 3_600
+#: The most tasks an app may have parked at once, and the largest one, in bytes: past
+#: either a task waits in the broker instead.
+MAX_PARKED = 100_000
+MAX_PARKED_BYTES = 1 << 20
+
+
+class ParkRefused(StoreError):
+    """Raised when a task cannot be parked (too many parked, or too large): it waits in the
+    broker instead."""
+
+
+class Unreadable(Exception):
+    """Raised by a releaser's ``publish`` for a parked task it cannot decode or may not
+    accept; the task is set aside, and the others are published."""
+
+
 #: How many parked tasks one claim takes at most.
 BATCH = 200
 #: Seconds a claim holds its tasks before another releaser may take them over: a releaser
@@ -64,6 +82,10 @@ class Deferrals(Protocol):
         """Forget a parked task once its copy is published."""
         ...
 
+    def aside(self, task_id: str) -> None:
+        """Set a parked task aside (kept a week, never published): it cannot be read."""
+        ...
+
     def expect(self, task_id: str, token: str, prior: str | None = None) -> bool:
         """Let the copy carrying ``token`` run; False if an earlier copy already ran, unless
         that is ``prior``, the delivery that is handing itself back again."""
@@ -81,15 +103,23 @@ class RedisDeferrals:
 
     _source = resources.files("taskthrottle").joinpath("lua/deferrals.lua").read_text()
 
-    def __init__(self, client: Any, tag: str, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        tag: str,
+        clock: Callable[[], float] | None = None,
+        app: str = "default",
+    ) -> None:
         self.client = client
         self.tag = tag
         self.clock = clock
         self._script = client.register_script(self._source)
-        self._park = [f"{tag}:park:due", f"{tag}:park:claimed", f"{tag}:park:items"]
+        park = f"{tag}:park:{app}"
+        self._park = [f"{park}:due", f"{park}:claimed", f"{park}:items"]
+        self._more = [f"{park}:epoch", f"{park}:aside"]
 
     def _call(self, op: str, task_id: str | None, *args: Any) -> Any:
-        keys = [*self._park, f"{self.tag}:run:{task_id or ''}", f"{self.tag}:park:epoch"]
+        keys = [*self._park, f"{self.tag}:run:{task_id or ''}", *self._more]
         now = "" if self.clock is None else str(round(self.clock() * 1000))
         try:
             return self._script(keys=keys, args=[now, op, *args])
@@ -98,7 +128,12 @@ class RedisDeferrals:
 
     def park(self, task_id: str, due_in: float, payload: bytes) -> None:
         """See `Deferrals.park`."""
-        self._call("park", task_id, task_id, round(due_in * 1000), RUN_KEY_TTL, payload)
+        check_parkable(task_id, payload)
+        ttl = math.ceil(due_in) + RUN_KEY_TTL
+        if not self._call("park", task_id, task_id, round(due_in * 1000), ttl, payload, MAX_PARKED):
+            raise ParkRefused(
+                f"{MAX_PARKED} tasks are parked already: {task_id} waits in the broker"
+            )
 
     def claim(self, lead: float, batch: int, hold: float) -> Claim:
         """See `Deferrals.claim`."""
@@ -112,6 +147,10 @@ class RedisDeferrals:
     def done(self, task_id: str) -> None:
         """See `Deferrals.done`."""
         self._call("done", None, task_id)
+
+    def aside(self, task_id: str) -> None:
+        """See `Deferrals.aside`."""
+        self._call("aside", None, task_id)
 
     def expect(self, task_id: str, token: str, prior: str | None = None) -> bool:
         """See `Deferrals.expect`."""
@@ -172,10 +211,14 @@ class MemoryDeferrals:
         self._items: dict[str, tuple[float, bytes]] = {}
         self._claimed: dict[str, float] = {}
         self._run: dict[str, str] = {}
+        self.set_aside: dict[str, bytes] = {}
 
     def park(self, task_id: str, due_in: float, payload: bytes) -> None:
         """See `Deferrals.park`."""
+        check_parkable(task_id, payload)
         with self._lock:
+            if len(self._items) >= MAX_PARKED and task_id not in self._items:
+                raise ParkRefused(f"{MAX_PARKED} tasks are parked: {task_id} waits in the broker")
             due = self.clock() + due_in
             heapq.heappush(self._due, (due, task_id))
             self._items[task_id] = (due, payload)
@@ -202,6 +245,14 @@ class MemoryDeferrals:
             self._items.pop(task_id, None)
             self._claimed.pop(task_id, None)
 
+    def aside(self, task_id: str) -> None:
+        """See `Deferrals.aside`."""
+        with self._lock:
+            item = self._items.pop(task_id, None)
+            self._claimed.pop(task_id, None)
+            if item is not None:
+                self.set_aside[task_id] = item[1]
+
     def expect(self, task_id: str, token: str, prior: str | None = None) -> bool:
         """See `Deferrals.expect`."""
         with self._lock:
@@ -223,6 +274,13 @@ class MemoryDeferrals:
                 self._run[task_id] = f"ran:{token}"
                 return True
             return False
+
+
+def check_parkable(task_id: str, payload: bytes) -> None:
+    """Refuse a payload past `MAX_PARKED_BYTES`: one tenant must not fill the parking Redis."""
+    if len(payload) > MAX_PARKED_BYTES:
+        msg = f"{task_id} is {len(payload)} bytes, past {MAX_PARKED_BYTES}: it waits in the broker"
+        raise ParkRefused(msg)
 
 
 class Releaser:
@@ -260,6 +318,10 @@ class Releaser:
                 if self.deferrals.expect(item.task_id, token):
                     publish(item, token)
                     published += 1
+            except Unreadable as exc:
+                log.error("taskthrottle: parked task %s set aside: %s", item.task_id, exc)
+                self.deferrals.aside(item.task_id)
+                continue
             except Exception as exc:  # the broker is down, say: the claims lapse, then retry
                 self._failed("publish", f"could not publish parked task {item.task_id}: {exc!r}")
                 break
@@ -284,7 +346,9 @@ def release_due(deferrals: Deferrals, lead: float, publish: Callable[[Parked, st
     return Releaser(deferrals, lead).release(publish)
 
 
-def deferrals_for(store: Any, client: Any = None, namespace: str = "taskthrottle") -> Deferrals:
+def deferrals_for(
+    store: Any, client: Any = None, namespace: str = "taskthrottle", app: str = "default"
+) -> Deferrals:
     """The deferrals that go with a limiter's store: in ``client``'s Redis (the broker's),
     else beside a `RedisStore`, else in this process's memory; under the store's namespace
     when it is Redis, else ``namespace``."""
@@ -292,7 +356,7 @@ def deferrals_for(store: Any, client: Any = None, namespace: str = "taskthrottle
     tag = "{" + namespace + "}" if codec is None else codec.tag
     clock = None if codec is None else codec.clock
     if client is not None:
-        return RedisDeferrals(client, tag, clock)
+        return RedisDeferrals(client, tag, clock, app)
     if codec is not None and hasattr(store, "client"):
-        return RedisDeferrals(store.client, tag, clock)
+        return RedisDeferrals(store.client, tag, clock, app)
     return MemoryDeferrals(getattr(store, "_clock", time.time))

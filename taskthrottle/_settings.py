@@ -99,18 +99,21 @@ class Settings:
 class State:
     """What one integration holds: settings, and a limiter and deferrals made once per
     process. ``parking`` makes the Redis client that parked tasks live in (the broker's,
-    where the broker is Redis); None parks them beside the limiter's state."""
+    where the broker is Redis); None parks them beside the limiter's state. ``app`` names
+    whose parked tasks they are: a worker releases its own app's only."""
 
     def __init__(
         self,
         settings: Settings,
         limiter: Limiter | Callable[[], Limiter] | None,
         parking: Callable[[], Any] | None = None,
+        app: str = "default",
     ):
         self.settings = settings
         self._source = limiter
         self._limiter: Limiter | None = None
         self._parking = parking
+        self._app = app
         self._deferrals: Deferrals | None = None
         self.default: tuple[Throttle, ...] = ()
         if settings.default:
@@ -149,9 +152,10 @@ class State:
         """True until an integration said where to park (before the first deferral)."""
         return self._parking is None and self._deferrals is None
 
-    def park_with(self, parking: Callable[[], Any]) -> None:
-        """Where parked tasks live, as `State` takes it; before the first deferral."""
-        self._parking = parking
+    def park_with(self, parking: Callable[[], Any], app: str) -> None:
+        """Where parked tasks live, and whose they are, as `State` takes them; before the
+        first deferral."""
+        self._parking, self._app = parking, app
 
     def deferrals(self) -> Deferrals:
         """Parking and run tokens: in the broker's Redis when ``parking`` gives one."""

@@ -15,6 +15,7 @@ never counted against ``max_retries``. The copy carries its reservation in the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser
+from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser, Unreadable
 from taskthrottle._exceptions import InvalidInput, StoreError, require
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
@@ -156,7 +157,8 @@ class ThrottleMiddleware(Middleware):
     def _bind(self, broker: Any) -> None:
         """Park in the broker's Redis, when the broker is Redis (and no park_url is set)."""
         if self.state.parking_unset():
-            self.state.park_with(lambda: _parking_client(broker, self.state.settings))
+            app = f"dramatiq.{getattr(broker, 'namespace', None) or 'stub'}"
+            self.state.park_with(lambda: _parking_client(broker, self.state.settings), app)
 
     def _begin(self, message_id: str, token: str, prior: str | None) -> bool:
         try:
@@ -196,7 +198,11 @@ class ThrottleMiddleware(Middleware):
         meta = {k: v for k, v in copy.options[OPTION].items() if k != "token"}
         parked = copy.copy(options={**copy.options, OPTION: meta})
         try:
-            self.state.deferrals().park(copy.message_id, wait, parked.encode())
+            payload = encode_parked(parked)
+        except (TypeError, ValueError):  # arguments only a pickle can carry: wait in the broker
+            return False
+        try:
+            self.state.deferrals().park(copy.message_id, wait, payload)
         except StoreError:
             return False
         return True
@@ -229,7 +235,7 @@ def release_due(
     """Enqueue every parked message due within the lead; returns how many."""
 
     def publish(item: Parked, token: str) -> None:
-        parked = dramatiq.Message.decode(item.payload)
+        parked = decode_parked(item.payload)
         options = {**parked.options, OPTION: {**parked.options.get(OPTION, {}), "token": token}}
         delay = round(item.due_in * 1000)
         broker.enqueue(parked.copy(options=options), delay=delay if delay > 0 else None)
@@ -238,6 +244,38 @@ def release_due(
         state = middleware.state
         releaser = Releaser(state.deferrals(), state.settings.park_lead)
     return releaser.release(publish)
+
+
+_FIELDS = {
+    "queue_name": str,
+    "actor_name": str,
+    "args": list,
+    "kwargs": dict,
+    "options": dict,
+    "message_id": str,
+    "message_timestamp": int,
+}
+
+
+def encode_parked(message: Any) -> bytes:
+    """A parked message as JSON, whatever the broker's encoder: the releaser never unpickles
+    what it finds in Redis. ``TypeError`` for arguments JSON cannot carry."""
+    return json.dumps(message.asdict(), separators=(",", ":")).encode()
+
+
+def decode_parked(payload: bytes) -> Any:
+    """A message back from `encode_parked`; `Unreadable` unless it has exactly the fields
+    of a message, of the right types."""
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise Unreadable(f"not JSON: {exc}") from exc
+    if not (isinstance(data, dict) and data.keys() == _FIELDS.keys()):
+        raise Unreadable("not a parked message")
+    for name, kind in _FIELDS.items():
+        if not isinstance(data[name], kind):
+            raise Unreadable(f"{name} is not a {kind.__name__}")
+    return dramatiq.Message(**data)
 
 
 def _parking_client(broker: Any, settings: Settings) -> Any:

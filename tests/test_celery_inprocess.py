@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from celery import Celery
@@ -211,3 +211,33 @@ def test_a_forged_reservation_header_is_charged() -> None:
     assert len(ran) == 1
     assert sorted(ended) == ["IGNORED", "IGNORED", "SUCCESS"]
     assert limiter.available("forged", [Limit.per_hour("rph", 1)])["rph"] < 0.01
+
+
+class Planted:
+    """What an attacker with write access to the parking Redis would plant: unpickling it
+    runs code (here, it only records that it ran)."""
+
+    ran: ClassVar[list[str]] = []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Planted.ran.append, ("pwned",))
+
+
+def test_parked_tasks_are_read_only_in_accepted_content() -> None:
+    """A pickle planted among the parked tasks of an app that accepts JSON only is never
+    unpickled: it is set aside, and the good task claimed with it is published."""
+    from kombu.serialization import dumps
+
+    from taskthrottle.celery import release_due
+    from taskthrottle.celery._gate import encode, state_of
+
+    app = make_app(accept_content=["json"])
+    taskthrottle.celery.install(app, memory_limiter())
+    deferrals = state_of(app).deferrals()
+    content_type, encoding, body = dumps(Planted(), serializer="pickle")  # type: ignore[no-untyped-call]
+    deferrals.park("planted", 0, f"{content_type}\n{encoding}\n".encode() + body)
+    good = app.signature("inproc.noop", args=(1,)).set(queue="parked")
+    deferrals.park("good", 0, encode(app, dict(good)))
+    assert release_due(app) == 1
+    assert Planted.ran == []
+    assert set(deferrals.set_aside) == {"planted"}  # type: ignore[attr-defined]

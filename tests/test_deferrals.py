@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from taskthrottle._deferrals import Deferrals, MemoryDeferrals, RedisDeferrals, Releaser
+from taskthrottle import _deferrals
+from taskthrottle._deferrals import (
+    Deferrals,
+    MemoryDeferrals,
+    Parked,
+    ParkRefused,
+    RedisDeferrals,
+    Releaser,
+    Unreadable,
+)
 from taskthrottle.testing import ManualClock
 
 
@@ -145,3 +154,58 @@ def test_every_parking_key_expires(redis_url: str, namespace: str, clock: Manual
     keys = client.keys("{" + namespace + "}:*")
     assert len(keys) >= 6
     assert all(client.pttl(key) > 0 for key in keys), {k: client.pttl(k) for k in keys}
+
+
+def test_a_bad_parked_task_is_set_aside_and_the_others_published(
+    deferrals: Deferrals, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A parked task its releaser cannot read is set aside, logged once, and never blocks
+    the tasks claimed with it."""
+    for name in ("a", "bad", "c"):
+        deferrals.park(name, 1, name.encode())
+    clock.advance(1)
+    published: list[str] = []
+
+    def publish(item: Parked, token: str) -> None:
+        if item.payload == b"bad":
+            raise Unreadable("not a task")
+        published.append(item.task_id)
+
+    with caplog.at_level("ERROR", logger="taskthrottle"):
+        assert Releaser(deferrals, lead=0).release(publish) == 2
+        clock.advance(60)
+        assert Releaser(deferrals, lead=0).release(publish) == 0
+    assert published == ["a", "c"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "taskthrottle: parked task bad set aside: not a task"
+    ]
+    assert deferrals.claim(lead=0, batch=10, hold=30).remaining == 0
+
+
+def test_parking_is_bounded(deferrals: Deferrals, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the most tasks parked, or the largest payload, parking is refused (the task then
+    waits in the broker) and nothing is written."""
+    monkeypatch.setattr(_deferrals, "MAX_PARKED", 2)
+    deferrals.park("a", 60, b"x")
+    deferrals.park("b", 60, b"x")
+    with pytest.raises(ParkRefused, match="2 tasks are parked"):
+        deferrals.park("c", 60, b"x")
+    deferrals.park("a", 30, b"y")  # parking a parked task again is no new task
+    with pytest.raises(ParkRefused, match="bytes"):
+        deferrals.park("d", 60, b"x" * (_deferrals.MAX_PARKED_BYTES + 1))
+    assert deferrals.begin("c", None) and deferrals.begin("d", None)  # no run keys made
+
+
+def test_each_app_releases_its_own_parked_tasks(
+    redis_url: str, namespace: str, clock: ManualClock
+) -> None:
+    """Two apps parking under one namespace never see each other's parked tasks."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    billing = RedisDeferrals(client, "{" + namespace + "}", clock, app="billing")
+    other = RedisDeferrals(client, "{" + namespace + "}", clock, app="other")
+    billing.park("charge", 1, b"charge_card(100)")
+    clock.advance(1)
+    assert other.claim(lead=0, batch=10, hold=30).parked == []
+    assert [p.task_id for p in billing.claim(lead=0, batch=10, hold=30).parked] == ["charge"]

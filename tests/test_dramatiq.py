@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import dramatiq
 import pytest
@@ -345,3 +345,42 @@ def test_a_forged_reservation_option_is_charged(broker: StubBroker) -> None:
         worker.stop()
     assert len(ran) == 1
     assert limiter.available("forged", [Limit.per_hour("rph", 1)])["rph"] < 0.01
+
+
+class Planted:
+    """Unpickling it runs code (here it only records that it ran)."""
+
+    ran: ClassVar[list[str]] = []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Planted.ran.append, ("pwned",))
+
+
+def test_parked_messages_are_json_whatever_the_encoder(broker: StubBroker) -> None:
+    """Even with Dramatiq's PickleEncoder, the releaser reads parked messages as JSON only:
+    a pickle planted in the parking Redis is set aside, never unpickled, and the good
+    message claimed with it is enqueued."""
+    import pickle
+
+    from dramatiq.encoder import JSONEncoder, PickleEncoder
+
+    from taskthrottle.dramatiq import encode_parked, release_due
+
+    middleware = ThrottleMiddleware(Limiter(MemoryStore()))
+    broker.add_middleware(middleware)
+
+    @dramatiq.actor(throttle={"rps": 1, "key": "json"})
+    def job(n: int) -> None:
+        return None
+
+    dramatiq.set_encoder(PickleEncoder())
+    try:
+        deferrals = middleware.state.deferrals()
+        deferrals.park("planted", 0, pickle.dumps(Planted()))
+        deferrals.park("good", 0, encode_parked(job.message(1)))
+        assert release_due(middleware, broker) == 1
+    finally:
+        dramatiq.set_encoder(JSONEncoder())
+    assert Planted.ran == []
+    assert set(deferrals.set_aside) == {"planted"}  # type: ignore[attr-defined]
+    assert broker.queues[job.queue_name].qsize() == 1

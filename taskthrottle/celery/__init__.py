@@ -56,7 +56,8 @@ def install(
     conf = Settings.from_conf(app.conf, **settings)
     if conf.redis_url and limiter is None:
         _check_url(conf.redis_url)
-    app.taskthrottle = State(conf, limiter, parking=lambda: parking_client(app, conf))
+    parking = lambda: parking_client(app, conf)  # noqa: E731  (made in each worker process)
+    app.taskthrottle = State(conf, limiter, parking, app=f"celery.{app.main or 'default'}")
     app.Task = type("Task", (ThrottledTask, app.Task), {})  # the base of tasks made from now on
     app.steps["worker"].add(ReleaseStep)
     app.on_after_finalize.connect(_upgrade_tasks, weak=False, dispatch_uid="taskthrottle")

@@ -18,8 +18,9 @@ from typing import Any
 
 from celery import Task, states
 from celery.exceptions import Ignore, Reject
-from kombu.serialization import dumps, loads
+from kombu.serialization import dumps, loads, prepare_accept_content
 
+from taskthrottle._deferrals import Unreadable
 from taskthrottle._exceptions import InvalidInput, StoreError, Throttled
 from taskthrottle._lease import Lease
 from taskthrottle._settings import Defer, State, book_turn, settle
@@ -180,10 +181,17 @@ def encode(app: Any, message: dict[str, Any]) -> bytes:
     return f"{content_type}\n{encoding}\n".encode() + data
 
 
-def decode(payload: bytes) -> dict[str, Any]:
-    """A parked task back from `encode`."""
-    content_type, encoding, body = payload.split(b"\n", 2)
-    found: dict[str, Any] = loads(body, content_type.decode(), encoding.decode())
+def decode(app: Any, payload: bytes) -> dict[str, Any]:
+    """A parked task back from `encode`, in a content type the app accepts (its
+    ``accept_content``, as for a message from its broker); `Unreadable` otherwise."""
+    try:
+        content_type, encoding, body = payload.split(b"\n", 2)
+        accept = prepare_accept_content(app.conf.accept_content)
+        found = loads(body, content_type.decode(), encoding.decode(), accept=accept)
+    except Exception as exc:  # kombu's ContentDisallowed, a decoding error, a bad split
+        raise Unreadable(f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(found, dict) or not isinstance(found.get("task"), str):
+        raise Unreadable(f"not a task signature: {type(found).__name__}")
     return found
 
 

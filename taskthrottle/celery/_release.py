@@ -21,7 +21,7 @@ def release_due(app: Any, releaser: Releaser | None = None) -> int:
         releaser = Releaser(state.deferrals(), state.settings.park_lead)
 
     def publish(item: Parked, token: str) -> None:
-        copy = app.signature(decode(item.payload))
+        copy = app.signature(decode(app, item.payload))
         headers = copy.options.setdefault("headers", {})
         headers[HEADER] = {**headers.get(HEADER, {}), "token": token}
         copy.apply_async(countdown=max(item.due_in, 0.001))

@@ -1,17 +1,22 @@
 --[[ deferrals.lua: tasks parked until their turn, and which copy of a task may run.
 
-KEYS[1]   `{ns}:park:due`      ZSET parked task id -> due ms (Redis time)
-KEYS[2]   `{ns}:park:claimed`  ZSET claimed task id -> claim deadline ms
-KEYS[3]   `{ns}:park:items`    HASH parked task id -> "due_ms|payload"
+The parking keys are an app's own: `<p>` is `{ns}:park:<app>`.
+
+KEYS[1]   `<p>:due`      ZSET parked task id -> due ms (Redis time)
+KEYS[2]   `<p>:claimed`  ZSET claimed task id -> claim deadline ms
+KEYS[3]   `<p>:items`    HASH parked task id -> "due_ms|payload"
 KEYS[4]   `{ns}:run:<task id>` STRING (only for begin/expect/park): which copy may run:
           "parked", a publish token, or "ran:<token>"; EX the run-key ttl
-KEYS[5]   `{ns}:park:epoch` STRING: set while anything was parked; its absence after
-          tasks were parked means the parking data was lost (a restart, FLUSHALL, eviction)
+KEYS[5]   `<p>:epoch` STRING: set while anything was parked; its absence after tasks
+          were parked means the parking data was lost (a restart, FLUSHALL, eviction)
+KEYS[6]   `<p>:aside`    HASH task id -> payload of parked tasks that could not be
+          published (unreadable, or refused by the app's accept_content), kept a week
 ARGV[1]   now in ms, or '' to read Redis TIME
-ARGV[2]   the operation: park | claim | done | expect | begin
-ARGV[3..] park:   task id, due in ms, run-key ttl s, payload
+ARGV[2]   the operation: park | claim | done | aside | expect | begin
+ARGV[3..] park:   task id, due in ms, run-key ttl s, payload, most tasks parked at once
           claim:  lead ms, batch size, claim ms
           done:   task id
+          aside:  task id
           expect: task id, token, run-key ttl s, prior token ('' if none): may this copy be
                   published? (prior: the token of the delivery deferring itself again)
           begin:  task id, token ('' for an original delivery), run-key ttl s, prior token
@@ -20,11 +25,12 @@ ARGV[3..] park:   task id, due in ms, run-key ttl s, payload
 Every key expires: the parking keys a day after their last write (parked tasks are due
 within the integrations' horizon, minutes), run keys after the run-key ttl.
 
-park    returns 1.
+park    returns 1, or 0 having written nothing when the most tasks are parked already.
 claim   returns {epoch (1 if the epoch key exists, else 0), tasks still parked or claimed,
         id, ms until due, payload, ...} for tasks due within the lead, and for claims whose
         holder let the deadline pass (a crashed releaser).
 done    returns 1.
+aside   returns 1 if the task was parked (it is now set aside), else 0.
 expect  returns 1 if the token now owns the run key, 0 if an earlier copy already ran
         (other than the prior one, which is handing itself back).
 begin   returns 1 if this delivery may run: its token owns the key (or it ran under
@@ -48,6 +54,11 @@ local function keep(key)
 end
 
 if op == 'park' then
+  local most = tonumber(ARGV[7])
+  if redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= most
+    and redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then
+    return 0
+  end
   local due = now + tonumber(ARGV[4])
   redis.call('ZADD', KEYS[1], string.format('%.0f', due), ARGV[3])
   redis.call('HSET', KEYS[3], ARGV[3], string.format('%.0f', due) .. '|' .. ARGV[6])
@@ -88,6 +99,17 @@ if op == 'done' then
   redis.call('ZREM', KEYS[1], ARGV[3])
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HDEL', KEYS[3], ARGV[3])
+  return 1
+end
+
+if op == 'aside' then
+  local item = redis.call('HGET', KEYS[3], ARGV[3])
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('HDEL', KEYS[3], ARGV[3])
+  if not item then return 0 end
+  redis.call('HSET', KEYS[6], ARGV[3], item)
+  redis.call('PEXPIRE', KEYS[6], 7 * PARK_TTL_MS)
   return 1
 end
 

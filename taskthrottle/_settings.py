@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 from taskthrottle._deferrals import Deferrals, deferrals_for
@@ -61,10 +61,10 @@ class Settings:
     #: ``throttled(**default)`` for every task that has no throttle of its own.
     default: Mapping[str, Any] | None = None
     #: Where a limiter is built from when ``install`` is given none.
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # it may carry a password
     #: The Redis parked tasks live in; by default the broker's when it is Redis, else the
     #: limiter's store.
-    park_url: str | None = None
+    park_url: str | None = field(default=None, repr=False)
     namespace: str = "taskthrottle"
 
     def __post_init__(self) -> None:

@@ -241,3 +241,17 @@ def test_parked_tasks_are_read_only_in_accepted_content() -> None:
     assert release_due(app) == 1
     assert Planted.ran == []
     assert set(deferrals.set_aside) == {"planted"}  # type: ignore[attr-defined]
+
+
+def test_passwords_stay_out_of_inspect_conf_and_reprs() -> None:
+    """A password in taskthrottle_redis_url reaches the store, not Celery's censored
+    configuration (what `celery inspect conf` prints) nor the settings' repr."""
+    from celery.app.utils import filter_hidden_settings
+
+    app = make_app(taskthrottle_redis_url="redis://limiter:UserPass9@127.0.0.1:6379/9")
+    taskthrottle.celery.install(app)
+    shown = repr(filter_hidden_settings(app.conf.table(with_defaults=False)))
+    assert "UserPass9" not in shown and "taskthrottle_redis_url" in shown
+    assert "UserPass9" not in repr(Settings.from_conf(app.conf, redis_url="redis://a:UserPass9@h"))
+    store = limiter_for(app).store
+    assert store.client.connection_pool.connection_kwargs["password"] == "UserPass9"  # type: ignore[attr-defined]

@@ -56,6 +56,7 @@ def install(
     conf = Settings.from_conf(app.conf, **settings)
     if conf.redis_url and limiter is None:
         _check_url(conf.redis_url)
+    _censor(app)
     parking = lambda: parking_client(app, conf)  # noqa: E731  (made in each worker process)
     app.taskthrottle = State(conf, limiter, parking, app=f"celery.{app.main or 'default'}")
     app.Task = type("Task", (ThrottledTask, app.Task), {})  # the base of tasks made from now on
@@ -63,6 +64,17 @@ def install(
     app.on_after_finalize.connect(_upgrade_tasks, weak=False, dispatch_uid="taskthrottle")
     if app.finalized:
         _upgrade_tasks(app)
+
+
+def _censor(app: Celery) -> None:
+    """Mask the passwords of the URL settings in ``app.conf`` (read already), which Celery's
+    ``inspect conf`` and bug reports would otherwise print: it censors only its own."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    for name in ("taskthrottle_redis_url", "taskthrottle_park_url"):
+        value = app.conf.get(name)
+        if isinstance(value, str):
+            app.conf[name] = maybe_sanitize_url(value, mask="********")
 
 
 def _check_url(url: str) -> None:

@@ -41,13 +41,22 @@ if TYPE_CHECKING:
 DEFAULT_LEASE_TTL = 60.0
 
 
+#: The longest a lease may hold its slots unrenewed, or a reservation book ahead, in
+#: seconds: state that a caller cannot grow without bound.
+MAX_DURATION = 86_400.0
+
+
 def _seconds(value: float, what: str, *, allow_zero: bool = False) -> int:
-    """``value`` seconds as integer milliseconds, refusing what is not a finite duration."""
+    """``value`` seconds as integer milliseconds, refusing what is not a finite duration of
+    at most `MAX_DURATION`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         msg = f"{what} must be a number of seconds, got {value!r}"
         raise InvalidType(msg)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         msg = f"{what} must be a finite number of seconds above zero, got {value!r}"
+        raise InvalidInput(msg)
+    if value > MAX_DURATION:
+        msg = f"{what} must be at most {MAX_DURATION:g} seconds (a day), got {value!r}"
         raise InvalidInput(msg)
     return math.ceil(value * 1000)
 

@@ -20,6 +20,10 @@ from taskthrottle._throttle import Request, Throttle, throttle_spec
 
 log = logging.getLogger("taskthrottle")
 
+#: The furthest ahead (seconds) a task may book its turn: a turn further away is refused and
+#: tried again later, so that no task holds a reservation, nor a run key, for days.
+MAX_HORIZON = 3_600.0
+
 _CHOICES = {
     "on_failure": ("keep", "refund"),
     "eager": ("wait", "bypass"),
@@ -79,6 +83,9 @@ class Settings:
                 raise InvalidInput(f"taskthrottle {name} must be a number, got {value!r}")
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidInput(f"taskthrottle {name} must be finite and >= 0, got {value!r}")
+        if self.horizon > MAX_HORIZON:
+            msg = f"taskthrottle horizon must be at most {MAX_HORIZON:g} s, got {self.horizon!r}"
+            raise InvalidInput(msg)
         if self.on_store_error is not None:
             check_policy(self.on_store_error, self.local_share)
         if self.park_poll <= 0:

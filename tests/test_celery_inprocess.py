@@ -255,3 +255,9 @@ def test_passwords_stay_out_of_inspect_conf_and_reprs() -> None:
     assert "UserPass9" not in repr(Settings.from_conf(app.conf, redis_url="redis://a:UserPass9@h"))
     store = limiter_for(app).store
     assert store.client.connection_pool.connection_kwargs["password"] == "UserPass9"  # type: ignore[attr-defined]
+
+
+def test_the_horizon_is_bounded() -> None:
+    """No task books its turn more than an hour ahead."""
+    with pytest.raises(InvalidInput, match="horizon must be at most 3600"):
+        Settings(horizon=86_400)

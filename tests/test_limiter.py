@@ -128,3 +128,17 @@ def test_redeem_after_cancel_is_refused(limiter: Limiter) -> None:
     booked.cancel()
     with pytest.raises(InvalidInput, match="cancelled"):
         booked.redeem()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: Limiter(lease_ttl=1e9), "lease_ttl must be at most 86400"),
+        (lambda: Limiter().acquire("k", [conc], ttl=86_401), "ttl must be at most 86400"),
+        (lambda: Limiter().reserve("k", [rpm], max_wait=1e6), "max_wait must be at most"),
+    ],
+)
+def test_durations_are_bounded(call: Any, match: str) -> None:
+    """A slot held for 31 years, or a turn booked a year ahead, is refused by name."""
+    with pytest.raises(InvalidInput, match=match):
+        call()

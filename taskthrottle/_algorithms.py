@@ -89,18 +89,32 @@ def quota_wait(used: int, now: int, cap: int, period: int, amount: int) -> int:
     return (now // period + 1) * period - now
 
 
+#: A wait for slots reads at most this many leases, soonest expiry first (lua/entries.lua
+#: reads as many members of the key's zset), so that a refusal costs the same with 20,000
+#: holders as with one.
+SLOTS_READ = 100
+
+
 def slots_wait(
-    used: int, leases: Iterable[tuple[int, int]], now: int, cap: int, amount: int
+    used: int, leases: Iterable[tuple[int, int]], now: int, cap: int, amount: int, ttl: int
 ) -> int:
     """Milliseconds until ``amount`` slots are free if no holder releases early.
 
     ``used`` slots are held by ``leases``, their ``(slots_mt, expiry_ms)`` in order of
-    expiry, expired ones removed; only a wait reads them, and only as far as it needs.
+    expiry, expired ones removed (the caller's own lease, which frees nothing for it, as 0
+    slots); only a wait reads them, and only as far as it needs, at most `SLOTS_READ`. When
+    those free too little (a request of many slots, or a cap lowered below what is held),
+    the wait is a conservative guess rather than a scan of every holder: ``ttl``, the
+    longest a lease keeps its slots unrenewed, or the expiry of the last lease read if later.
     """
     if used + amount <= cap:
         return 0
+    read, wait = 0, 0
     for weight, expiry in leases:
         used -= weight
+        read, wait = read + 1, expiry - now
         if used + amount <= cap:
-            return max(1, expiry - now)
+            return max(1, wait)
+        if read == SLOTS_READ:
+            return max(1, ttl, wait)
     raise AssertionError("unreachable: amount <= cap is checked before")

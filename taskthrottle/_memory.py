@@ -9,18 +9,22 @@ are dropped by a sweep that runs when a stripe has doubled since the last one.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
 from taskthrottle import _algorithms as alg
 from taskthrottle._store import BUCKET, CONCURRENCY, QUOTA, Entry, Outcome, check_renew_ttl
 
-#: How long (ms) a granted lease id or a settle id is remembered, making a repeat a no-op.
+#: How long (ms) a granted lease id or a settle id is remembered after its turn, making a
+#: repeat a no-op.
 OP_MEMORY_MS = 60_000
-#: At most this many ids are remembered in memory; past it the older half is forgotten.
+#: At most this many ids are remembered in memory; past it the half whose memory ends
+#: soonest is forgotten.
 MAX_REMEMBERED = 100_000
 
 Field = tuple[int, str]  # (kind, limit name)
@@ -38,54 +42,66 @@ def _buckets_of(entries: Sequence[Entry]) -> str | None:
 
 class _Slots:
     """The leases holding one concurrency limit: ``held`` is their sum, so that a grant
-    need not add them up; a heap by expiry finds the expired without a scan."""
+    need not add them up; ``by_expiry`` keeps them sorted by expiry, as Redis' zset does, so
+    that the expired are a prefix and a wait reads the soonest without a scan."""
 
     __slots__ = ("by_expiry", "held", "leases")
 
     def __init__(self) -> None:
         self.leases: dict[str, tuple[int, int]] = {}  # lease id -> (slots_mt, expiry_ms)
         self.held = 0
-        self.by_expiry: list[tuple[int, str]] = []  # may keep released leases, skipped
+        # (expiry_ms, lease id) of every lease, sorted. A list rather than a heap: a heap keeps
+        # the entries of moved (renewed) leases, which a wait would have to read past.
+        self.by_expiry: list[tuple[int, str]] = []
 
     def prune(self, now: int) -> None:
-        heap = self.by_expiry
-        while heap and heap[0][0] <= now:
-            expiry, lease_id = heapq.heappop(heap)
-            lease = self.leases.get(lease_id)
-            if lease is not None and lease[1] == expiry:
-                self.remove(lease_id)
+        expired = bisect.bisect_left(self.by_expiry, (now + 1,))
+        if expired:
+            for _, lease_id in self.by_expiry[:expired]:
+                self.held -= self.leases.pop(lease_id)[0]
+            del self.by_expiry[:expired]
 
     def add(self, lease_id: str, weight: int, expiry: int) -> None:
         self.remove(lease_id)
         self.leases[lease_id] = (weight, expiry)
         self.held += weight
-        heap = self.by_expiry
-        if len(heap) > 2 * len(self.leases) + 64:  # mostly released leases: start again
-            heap[:] = [(exp, lid) for lid, (_, exp) in self.leases.items()]
-            heapq.heapify(heap)
-        else:
-            heapq.heappush(heap, (expiry, lease_id))
+        bisect.insort(self.by_expiry, (expiry, lease_id))
 
-    def by_age(self, skip: str | None = None) -> Iterator[tuple[int, int]]:
-        """The live leases' ``(slots_mt, expiry_ms)``, soonest expiry first, on demand;
-        all but ``skip``."""
-        heap, seen = self.by_expiry.copy(), {skip}
-        while heap:
-            expiry, lease_id = heapq.heappop(heap)
-            lease = self.leases.get(lease_id)
-            if lease is not None and lease[1] == expiry and lease_id not in seen:
-                seen.add(lease_id)  # a lease added twice at one expiry is in the heap twice
-                yield lease
+    def by_age(self, own: str | None = None) -> Iterator[tuple[int, int]]:
+        """The leases' ``(slots_mt, expiry_ms)``, soonest expiry first, on demand; ``own``'s
+        as 0 slots (it frees nothing for itself), but read all the same, as entries.lua
+        reads its member."""
+        leases = self.leases
+        for expiry, lease_id in self.by_expiry:
+            yield (0 if lease_id == own else leases[lease_id][0]), expiry
 
     def remove(self, lease_id: str) -> None:
         lease = self.leases.pop(lease_id, None)
         if lease is not None:
             self.held -= lease[0]
+            del self.by_expiry[bisect.bisect_left(self.by_expiry, (lease[1], lease_id))]
+
+
+def _in_order(
+    key_state: _KeyState | None, slots: _Slots, own: str | None, now: int
+) -> Iterator[tuple[int, int]]:
+    """``slots.by_age(own)``, merged with the leases of the key's other concurrency limits as
+    0 slots: Redis keeps the leases of every limit of a key in one zset, and entries.lua
+    reads them in one order, which a bounded read must follow to give the same answer."""
+    others = []
+    for (kind, _), field in ({} if key_state is None else key_state.fields).items():
+        if kind == CONCURRENCY and field is not slots:
+            field.prune(now)  # as entries.lua prunes every limit of the key
+            others.append(((0, expiry) for expiry, _ in field.by_expiry))
+    if not others:
+        return slots.by_age(own)
+    return heapq.merge(slots.by_age(own), *others, key=itemgetter(1))
 
 
 class _OpMemory:
-    """Op ids done lately, each with its turn (ms), so that a repeat within `OP_MEMORY_MS`
-    changes nothing; past `MAX_REMEMBERED` ids the older half is forgotten."""
+    """Op ids done lately, each with its turn (ms), so that a repeat before its turn +
+    `OP_MEMORY_MS` changes nothing; past `MAX_REMEMBERED` ids the half whose turns came
+    first is forgotten."""
 
     __slots__ = ("done", "lock")
 
@@ -94,20 +110,26 @@ class _OpMemory:
         self.lock = threading.Lock()
 
     def seen(self, op_id: str, now: int) -> int | None:
-        """When ``op_id``'s turn came (ms), if it was done within `OP_MEMORY_MS`."""
+        """When ``op_id``'s turn comes or came (ms), unless that was `OP_MEMORY_MS` ago."""
         seen = self.done.get(op_id)
         return seen if seen is not None and now < seen + OP_MEMORY_MS else None
 
     def remember(self, op_id: str, turn: int) -> None:
         self.done[op_id] = turn  # one dict store: atomic under the GIL
         if len(self.done) > MAX_REMEMBERED:
-            self.forget_older_half()
+            self.forget_soonest_half()
 
-    def forget_older_half(self) -> None:
-        # A bounded memory beats remembering every id for the full minute.
+    def forget_soonest_half(self) -> None:
+        # A bounded memory beats remembering every id for its full span. The ids forgotten
+        # are those whose memory ends soonest, the earliest turns, never a reservation's
+        # booked ahead before ids granted now: the integrations check a deferred copy's
+        # turn by acquiring again with its lease id, and a forgotten id would be charged.
         with self.lock:
             if len(self.done) > MAX_REMEMBERED:
-                self.done = dict(list(self.done.items())[MAX_REMEMBERED // 2 :])
+                by_turn = sorted(self.done.items(), key=itemgetter(1))
+                # Popped in place: ids that other stripes remember meanwhile are kept.
+                for op_id, _ in by_turn[: len(by_turn) - MAX_REMEMBERED // 2]:
+                    self.done.pop(op_id, None)
 
 
 class _KeyState:
@@ -195,7 +217,7 @@ class MemoryStore:
             turn = self._acquired.seen(lease_id, now)
             if turn is not None:
                 return self._replay(lease_id, entries, turn, now, ttl_ms)
-            looks = [self._look(e, now, lease_id) for e in entries]
+            looks = [self._look(e, now, lease_id, ttl_ms) for e in entries]
             delay = 0
             for look in looks:
                 delay = max(delay, look[0])
@@ -222,7 +244,7 @@ class MemoryStore:
         repeat is refused, changing nothing."""
         delay = max(0, turn - now)
         looks = [
-            (i, e, self._look(e, now, lease_id))
+            (i, e, self._look(e, now, lease_id, ttl_ms))
             for i, e in enumerate(entries)
             if e.kind == CONCURRENCY
         ]
@@ -293,11 +315,12 @@ class MemoryStore:
         return Outcome(False, max(waits), now, violations)
 
     def _look(
-        self, e: Entry, now: int, lease_id: str | None = None
+        self, e: Entry, now: int, lease_id: str | None = None, ttl_ms: int = 0
     ) -> tuple[int, Any, _KeyState | None]:
         """The wait for ``e``, the current state of its field, and its key's state. The
         slots ``lease_id`` holds already do not count against it: acquiring again only
-        moves their expiry."""
+        moves their expiry. A wait for slots past what a bounded read tells is ``ttl_ms``
+        (see `_algorithms.slots_wait`)."""
         key, _, kind, cap, refill, period, amount = e
         key_state = self._stripes[hash(key) % len(self._stripes)].keys.get(key)
         if key_state is None or key_state.expires <= now:
@@ -311,13 +334,18 @@ class MemoryStore:
             used = alg.quota_used(raw, now, period)
             return alg.quota_wait(used, now, cap, period, amount), used, key_state
         slots: _Slots = raw or _Slots()
-        slots.prune(now)  # under the stripe's lock; changes nothing anyone can see
+        # Refusals too forget the expired leases, under the stripe's lock: this changes
+        # nothing anyone can see, and the next call need not pass them again.
+        slots.prune(now)
         own = None if lease_id is None else slots.leases.get(lease_id)
         if own is None or own[0] != amount:  # as entries.lua finds its member, by weight
-            wait = alg.slots_wait(slots.held, slots.by_age(), now, cap, amount)
+            used, own_id = slots.held, None
         else:
-            wait = alg.slots_wait(slots.held - amount, slots.by_age(lease_id), now, cap, amount)
-        return wait, slots, key_state
+            used, own_id = slots.held - amount, lease_id
+        if used + amount <= cap:
+            return 0, slots, key_state
+        leases = _in_order(key_state, slots, own_id, now)
+        return alg.slots_wait(used, leases, now, cap, amount, ttl_ms), slots, key_state
 
     def _charge(
         self,

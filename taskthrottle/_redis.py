@@ -9,7 +9,7 @@ Key schema, for namespace ``ns`` and key ``k``::
     {ns}:c:k      ZSET    concurrency slots of k  (expires with the last slot)
     {ns}:op:a:id  STRING  a lease acquired lately, and
     {ns}:op:s:id  STRING  a settle done lately, so that a call the client sent again
-                          charges once (expire after a minute)
+                          charges once (expire a minute after the op's turn)
 
 Every key carries the hash tag ``{ns}``, so a lease over several keys is one
 script call on Redis Cluster too. The price: a namespace lives in one slot, on
@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from taskthrottle._exceptions import InvalidInput, StoreError, require
 
@@ -35,6 +38,7 @@ import tenacity  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
+from taskthrottle._algorithms import SLOTS_READ  # noqa: E402
 from taskthrottle._memory import OP_MEMORY_MS  # noqa: E402
 from taskthrottle._plan import MAX_SHAPES, Shape  # noqa: E402
 from taskthrottle._store import (  # noqa: E402
@@ -47,10 +51,10 @@ from taskthrottle._store import (  # noqa: E402
 
 
 class Script:
-    """A Lua script from ``lua/``, after the constant it shares with Python and the parts
+    """A Lua script from ``lua/``, after the constants it shares with Python and the parts
     it builds on; loaded once per server."""
 
-    _constants = f"local OP_MEMORY_MS = {OP_MEMORY_MS}\n"
+    _constants = f"local OP_MEMORY_MS, SLOTS_READ = {OP_MEMORY_MS}, {SLOTS_READ}\n"
 
     def __init__(self, name: str, *parts: str) -> None:
         lua = resources.files("taskthrottle").joinpath("lua")
@@ -81,6 +85,7 @@ class _Codec:
 
     def __init__(self, namespace: str, clock: Callable[[], float] | None) -> None:
         self.tag = "{" + check_namespace(namespace) + "}"
+        self.namespace = namespace
         # Acquires and settles remember their ops apart: no settle id ("<lease>:r", say)
         # can pass for a lease id, nor the reverse.
         self.acquired = f"{self.tag}:op:a:"
@@ -201,6 +206,34 @@ def client_options(socket_timeout: float, connect_timeout: float) -> dict[str, A
     }
 
 
+def tls_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``ssl_check_hostname=True`` for a ``rediss://`` URL, unless the caller chose (an
+    option, or in the URL's query) or turned certificate checks off.
+
+    redis-py before 6.0 accepts a certificate made out to any host by default, which lets
+    anyone with a valid certificate for some name sit in the middle. With checks off
+    (``ssl_cert_reqs="none"``) Python refuses a host name check, and redis-py 5.x would
+    fail every connection.
+    """
+    if not url.startswith("rediss://"):
+        return {}
+    try:
+        query = {name: values[-1] for name, values in parse_qs(urlsplit(url).query).items()}
+    except ValueError:  # a malformed URL: redis-py says what is wrong with it
+        return {}
+    chosen = {**query, **options}
+    if "ssl_check_hostname" in chosen or not _verifies(chosen.get("ssl_cert_reqs", "required")):
+        return {}
+    return {"ssl_check_hostname": True}
+
+
+def _verifies(cert_reqs: object) -> bool:
+    """Whether redis-py checks certificates under ``ssl_cert_reqs=cert_reqs``."""
+    if cert_reqs is None or cert_reqs == "none":
+        return False
+    return isinstance(cert_reqs, str) or cert_reqs != ssl.CERT_NONE
+
+
 def check_retries(retries: object) -> int:
     """Return ``retries`` if it is a number of retries: a whole number, at least 0."""
     if type(retries) is not int or retries < 0:
@@ -277,12 +310,78 @@ class Retries:
 C = TypeVar("C")
 
 
+#: A query parameter that carries a secret (``password``, ``ssl_password``, ...), and its value.
+_QUERY_SECRET = re.compile(r"([?&][^=&#]*password[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
+def _userinfo(url: str) -> tuple[str, str, str | None, str]:
+    """``url`` as ``(scheme://, user, password, @host...)``: the user part is everything up
+    to the last ``@``, so that a password with an unescaped ``@``, ``/``, ``?`` or ``#`` is
+    taken whole; password None when there is none."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return scheme + sep, "", None, rest
+    user, colon, password = userinfo.partition(":")
+    return scheme + sep, user, password if colon else None, at + host
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (of ``:secret@`` or ``user:secret@``) and the value of any
+    ``*password*`` query parameter shown as ``***``: what may go into messages, logs and
+    reprs. Never fails, not even on a malformed URL."""
+    scheme, user, password, host = _userinfo(url)
+    shown = f"{scheme}{user}{'' if password is None else ':***'}{host}"
+    return _QUERY_SECRET.sub(r"\1***", shown)
+
+
 def connect(factory: Callable[..., C], url: str, options: dict[str, Any]) -> C:
-    """A pooled client for ``url`` from ``factory``; a malformed URL is `InvalidInput`."""
+    """A pooled client for ``url`` from ``factory``; a malformed URL is `InvalidInput`,
+    whose message shows it without its password."""
+    check_authority(url)
     try:
         return factory(url, **options)
     except ValueError as exc:
-        raise InvalidInput(f"bad Redis URL {url!r}: {exc}") from exc
+        # redis-py's reasons (the scheme, a query value) quote no part of the host part,
+        # which `check_authority` parsed first; the password is masked all the same.
+        password, reason = _userinfo(url)[2], str(exc)
+        if password:
+            reason = reason.replace(password, "***")
+        raise InvalidInput(f"bad Redis URL {redact(url)!r}: {reason}") from None
+
+
+def check_authority(url: str) -> None:
+    """Refuse a ``redis://`` or ``rediss://`` URL whose host part does not parse, or whose
+    password holds an unescaped ``/``, ``?`` or ``#``: that ends the host part inside the
+    password, whose pieces would be taken for a host or port, and shown in errors
+    ("Error connecting to <piece>:6379", "Port could not be cast ... '<piece>'")."""
+    if not url.startswith(("redis://", "rediss://")):
+        return  # unix:// has no host part; other schemes are redis-py's to refuse
+    try:
+        parts = urlsplit(url)
+        if "@" in url and "@" not in parts.netloc:
+            problem = "an @ after the host: escape / ? # @ in a password as %2F %3F %23 %40"
+        else:
+            parts.port  # noqa: B018  (parses the port: ValueError when it cannot)
+            return
+    except ValueError:
+        problem = "its host or port does not parse"
+    raise InvalidInput(f"bad Redis URL {redact(url)!r}: {problem}")
+
+
+def address(client: object) -> str:
+    """Where ``client`` connects, from its pool's options, for a repr: host, port and
+    database, or the socket's path; never credentials."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return f"a {type(client).__name__}"
+    db = kwargs.get("db", 0)
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={db}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
 
 
 class RedisStore:
@@ -305,6 +404,7 @@ class RedisStore:
         self.client = client
         self._codec = _Codec(namespace, clock)
         self._retries = Retries(retries)
+        self._address = address(client)
 
     @classmethod
     def from_url(
@@ -319,10 +419,16 @@ class RedisStore:
         **options: Any,
     ) -> RedisStore:
         """A store on ``redis://``, ``rediss://`` or ``unix://`` ``url``, pooled;
-        ``options`` go to `redis.Redis.from_url`."""
-        options = client_options(socket_timeout, connect_timeout) | options
-        client = connect(redis.Redis.from_url, url, options)
-        return cls(client, namespace=namespace, clock=clock, retries=retries)
+        ``options`` go to `redis.Redis.from_url`. A ``rediss://`` store checks the server
+        certificate's host name (see `tls_options`)."""
+        defaults = client_options(socket_timeout, connect_timeout) | tls_options(url, options)
+        client = connect(redis.Redis.from_url, url, defaults | options)
+        store = cls(client, namespace=namespace, clock=clock, retries=retries)
+        store._address = redact(url)
+        return store
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._address!r}, namespace={self._codec.namespace!r})"
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, retried on a connection error or a timeout; `StoreError` when it
@@ -389,6 +495,7 @@ class AsyncRedisStore:
         self._evalsha: Callable[..., Awaitable[Any]] = client.evalsha  # type: ignore[assignment,unused-ignore]
         self._codec = _Codec(namespace, clock)
         self._retries = Retries(retries)
+        self._address = address(client)
 
     @classmethod
     def from_url(
@@ -403,9 +510,14 @@ class AsyncRedisStore:
         **options: Any,
     ) -> AsyncRedisStore:
         """See `RedisStore.from_url`."""
-        options = client_options(socket_timeout, connect_timeout) | options
-        client = connect(redis.asyncio.Redis.from_url, url, options)
-        return cls(client, namespace=namespace, clock=clock, retries=retries)
+        defaults = client_options(socket_timeout, connect_timeout) | tls_options(url, options)
+        client = connect(redis.asyncio.Redis.from_url, url, defaults | options)
+        store = cls(client, namespace=namespace, clock=clock, retries=retries)
+        store._address = redact(url)
+        return store
+
+    def __repr__(self) -> str:
+        return f"AsyncRedisStore({self._address!r}, namespace={self._codec.namespace!r})"
 
     async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """See `RedisStore._call`."""

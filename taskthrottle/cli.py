@@ -65,10 +65,12 @@ def _client(limiter: Limiter, limits: list[Limit], tally: _Tally, until: float, 
 
 def demo(args: argparse.Namespace) -> int:
     """Push requests from a few threads through rpm and tpm limits; print each second."""
+    where = "the embedded MemoryStore"
     if args.redis:
-        from taskthrottle._redis import RedisStore
+        from taskthrottle._redis import RedisStore, redact
 
         limiter = Limiter(RedisStore.from_url(args.redis, namespace=args.namespace))
+        where = redact(args.redis)  # a terminal, a CI log: no place for the password
     else:
         limiter = Limiter(MemoryStore())
     limits = [  # bursts of five seconds' worth (at least two requests), so the rate shows soon
@@ -76,7 +78,6 @@ def demo(args: argparse.Namespace) -> int:
         Limit.per_minute("tpm", args.tpm, burst=max(2 * MAX_ESTIMATE, args.tpm / 12)),
     ]
     limiter.reset("tenant:demo")
-    where = args.redis or "the embedded MemoryStore"
     print(f"{args.threads} threads, {args.seconds}s, limits {limits[0]} | {limits[1]}, on {where}")
     print(f"{'second':>6} {'admitted':>8} {'refused':>8} {'tokens':>8} {'mean retry-after':>17}")
     start = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,6 +30,28 @@ def test_demo_on_redis(capsys: pytest.CaptureFixture[str], redis_url: str, names
     out = capsys.readouterr().out
     assert redis_url in out
     assert len(rows(out)) == 1
+
+
+def test_demo_never_shows_the_password(
+    capsys: pytest.CaptureFixture[str], redis_url: str, namespace: str
+) -> None:
+    """The demo's line naming the Redis it runs on masks the URL's password, as does an
+    error about the URL."""
+    parts = urlsplit(redis_url)
+    if parts.password:  # the test server wants one: it must stay hidden too
+        url, secret = redis_url, parts.password
+    else:  # "default" has no password: Redis accepts any
+        url, secret = redis_url.replace("://", "://default:Secret9@", 1), "Secret9"
+    argv = ["demo", "--seconds", "1", "--threads", "1", "--redis", url, "--namespace", namespace]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert len(rows(out)) == 1
+    assert ":***@" in out
+    assert secret not in out + err
+    assert main([*argv[:-3], url.replace("://", "://[", 1)]) == 2
+    out, err = capsys.readouterr()
+    assert "bad Redis URL" in err
+    assert secret not in out + err
 
 
 def test_bad_namespace_is_reported(capsys: pytest.CaptureFixture[str], redis_url: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,8 +24,9 @@ from taskthrottle import (
     Throttled,
 )
 from taskthrottle._plan import entries
-from taskthrottle._redis import ACQUIRE, BUCKETS, PEEK, SETTLE, Script
-from taskthrottle._store import BUCKET, Entry
+from taskthrottle._redis import ACQUIRE, BUCKETS, PEEK, SETTLE, Script, redact
+from taskthrottle._store import BUCKET, CONCURRENCY, Entry
+from taskthrottle.testing import DEFAULT_START
 
 rpm = Limit.per_minute("rpm", 60)
 tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
@@ -191,6 +193,19 @@ class TestKeys:
         assert 2**52 - 60_000 < pttl(client, hash_key) <= 2**52
         assert limiter.available("k", [self.glacial])["glacial"] == 4e12 - 2_000_001
 
+    def test_a_booking_is_remembered_until_a_minute_past_its_turn(
+        self, limiter: Limiter, client: redis.Redis, namespace: str
+    ) -> None:
+        """The op key of a reservation 200 s ahead lives until a minute past its turn, not a
+        minute past the booking: its lease id is still known when its turn comes."""
+        slow_hour = Limit.per_hour("h", 18)  # a token every 200 s
+        limiter.acquire("k", [slow_hour], consume={"h": 18})
+        booked = limiter.reserve("k", [slow_hour], max_wait=300, lease_id="booked")
+        assert 199 < booked.delay <= 200
+        limiter.acquire("k", [rpm], lease_id="now")
+        assert 259_000 < pttl(client, f"{{{namespace}}}:op:a:booked") <= 260_000
+        assert 59_000 < pttl(client, f"{{{namespace}}}:op:a:now") <= 60_000
+
     def test_debt_outlives_its_repayment(
         self, limiter: Limiter, client: redis.Redis, namespace: str
     ) -> None:
@@ -214,6 +229,69 @@ class TestKeys:
         """A namespace must make a hash tag: no braces, not empty."""
         with pytest.raises(InvalidInput, match="namespace"):
             RedisStore.from_url(redis_url, namespace=namespace)  # type: ignore[arg-type]
+
+
+def slot(key: str, name: str, cap: int, slots: int = 1) -> Entry:
+    """A concurrency entry: ``slots`` of ``cap`` slots of limit ``name`` under ``key``."""
+    return Entry(key, name, CONCURRENCY, cap * 1000, 0, 1, slots * 1000)
+
+
+class TestBoundedRefusals:
+    @staticmethod
+    def fill(store: RedisStore, holders: list[tuple[Entry, int]]) -> None:
+        """Grants each ``(entry, ttl_ms)`` of ``holders`` to a lease of its own, through
+        acquire.lua, pipelined."""
+        pipe = store.client.pipeline(transaction=False)
+        for n, (entry, ttl) in enumerate(holders):
+            script, keys, argv = store._codec.acquire(f"{entry.key}-{n}", [entry], 0, ttl)
+            pipe.evalsha(script.sha, len(keys), *keys, *argv)
+        assert all(type(reply) is int for reply in pipe.execute())  # all granted, no delay
+
+    @staticmethod
+    def refusal_time(store: RedisStore, request: Entry) -> float:
+        """The quickest of 15 refused acquires' round trips (s): other clients' load only
+        ever adds to it."""
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            assert not store.acquire("x", [request], 0, 60_000).granted
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def test_a_refusal_costs_about_the_same_with_20000_holders(
+        self, redis_url: str, namespace: str
+    ) -> None:
+        """A refused acquire on a full concurrency limit of 20,000 holders takes less than
+        five times one on a limit of one holder, whatever the wait needs to know: one slot,
+        every slot, a cap lowered below what is held, holders expired since, another limit's
+        holders ahead. (It took 25 to 40 ms, reading every lease, for all but the first.)"""
+        n, hour = 20_000, 3_600_000
+        at = DEFAULT_START  # an injected clock: the holders expire when the test says
+        filler = RedisStore.from_url(redis_url, namespace=namespace, clock=lambda: at)
+        filler.acquire("load", [slot("warm", "conc", 1)], 0, hour)  # loads acquire.lua
+        self.fill(filler, [(slot("one", "conc", 1), hour)])
+        self.fill(filler, [(slot("big", "conc", n), hour + i) for i in range(n)])
+        stale = [(slot("stale", "conc", n + 1), 600_000 + i) for i in range(n)]
+        self.fill(filler, [*stale, (slot("stale", "conc", n + 1), hour)])
+        ahead = [(slot("mixed", "other", n), 600_000 + i) for i in range(n)]
+        self.fill(filler, [*ahead, (slot("mixed", "conc", 1), hour)])
+
+        later = RedisStore.from_url(redis_url, namespace=namespace, clock=lambda: at + 700)
+        base = self.refusal_time(later, slot("one", "conc", 1))
+        cases = {
+            "one slot": slot("big", "conc", n),
+            "every slot": slot("big", "conc", n, slots=n),
+            "cap halved": slot("big", "conc", n // 2),
+            "expired holders": slot("stale", "conc", 1),
+            "another limit's holders": slot("mixed", "conc", 1),
+        }
+        for case, request in cases.items():
+            took = self.refusal_time(later, request)
+            assert took < 5 * base, f"{case}: {took * 1e6:.0f} us, 1 holder: {base * 1e6:.0f} us"
+        # The refusals pruned the expired: the live holder and the count of slots are left.
+        assert later.client.zcard(f"{{{namespace}}}:c:stale") == 2
+        later.client.close()
+        filler.client.close()
 
 
 class TestRenew:
@@ -349,6 +427,83 @@ class TestConnections:
         with pytest.raises(InvalidInput, match="http://x"):
             RedisStore.from_url("http://x")
 
+    @pytest.mark.parametrize(
+        ("url", "reason"),
+        [
+            ("http://user:Secret9@host/0", "schemes"),
+            ("redis://user:Secret9@host:port/0", "host or port"),
+            ("redis://:Sec/ret9@127.0.0.1:6379/0", "escape"),  # would take "Sec" for a port
+            ("redis://:Sec#ret9@127.0.0.1:6379/0", "escape"),  # would connect to a host "Sec"
+            ("redis://127.0.0.1:6379/0?password=Secret9&db=x", "db"),
+        ],
+    )
+    @pytest.mark.parametrize("store_class", [RedisStore, AsyncRedisStore])
+    def test_a_bad_url_is_shown_without_its_password(
+        self, url: str, reason: str, store_class: type[RedisStore | AsyncRedisStore]
+    ) -> None:
+        """A malformed URL is refused with a message, and a traceback, showing neither its
+        password nor a piece of it."""
+        with pytest.raises(InvalidInput, match=r"^bad Redis URL ") as info:
+            store_class.from_url(url)
+        shown = "".join(traceback.format_exception(info.value))
+        assert reason in str(info.value)
+        assert "***" in str(info.value)
+        for secret in ("Secret9", "Sec", "ret9"):
+            assert secret not in shown
+
+    @pytest.mark.parametrize(
+        ("url", "shown"),
+        [
+            ("redis://user:Secret9@host:6379/0", "redis://user:***@host:6379/0"),
+            ("rediss://:Secret9@host/0", "rediss://:***@host/0"),
+            ("redis://:Sec@ret9@host/0", "redis://:***@host/0"),
+            ("redis://user@host/0", "redis://user@host/0"),
+            ("redis://host/0?password=Secret9&db=1", "redis://host/0?password=***&db=1"),
+            (
+                "unix:///run/r.sock?db=1&SSL_Password=Secret9",
+                "unix:///run/r.sock?db=1&SSL_Password=***",
+            ),
+            ("user:Secret9@host", "user:***@host"),
+            ("redis://host:6379/0", "redis://host:6379/0"),
+            ("", ""),
+        ],
+    )
+    def test_redact(self, url: str, shown: str) -> None:
+        """redact masks passwords, in the user part and in the query, and nothing else."""
+        assert redact(url) == shown
+
+    def test_reprs_show_the_address_without_the_password(self) -> None:
+        """A store's repr names its address and namespace, never the password."""
+        url = "redis://user:Secret9@127.0.0.1:6379/9?ssl_password=Secret9"
+        store = RedisStore.from_url(url, namespace="ns")
+        shown = "'redis://user:***@127.0.0.1:6379/9?ssl_password=***', namespace='ns'"
+        assert repr(store) == f"RedisStore({shown})"
+        assert repr(AsyncRedisStore.from_url(url, namespace="ns")) == f"AsyncRedisStore({shown})"
+        given = RedisStore(store.client, namespace="ns")
+        assert repr(given) == "RedisStore('127.0.0.1:6379/9', namespace='ns')"
+
+    @pytest.mark.parametrize("store_class", [RedisStore, AsyncRedisStore])
+    def test_tls_checks_the_host_name(
+        self, store_class: type[RedisStore | AsyncRedisStore]
+    ) -> None:
+        """A rediss:// store checks the certificate's host name whatever redis-py's default
+        (5.x checked none); a choice of the caller's stands, as an option or in the URL, and
+        so does turning certificate checks off, with which Python allows no host name check."""
+
+        def options(url: str, **given: Any) -> dict[str, Any]:
+            kwargs: dict[str, Any] = store_class.from_url(
+                url, **given
+            ).client.connection_pool.connection_kwargs
+            return kwargs
+
+        assert options("rediss://127.0.0.1:6380/0")["ssl_check_hostname"] is True
+        assert options("rediss://h/0", ssl_check_hostname=False)["ssl_check_hostname"] is False
+        assert options("rediss://h/0?ssl_check_hostname=false")["ssl_check_hostname"] is False
+        assert "ssl_check_hostname" not in options("rediss://h/0", ssl_cert_reqs="none")
+        assert "ssl_check_hostname" not in options("rediss://h/0", ssl_cert_reqs=None)
+        assert "ssl_check_hostname" not in options("rediss://h/0?ssl_cert_reqs=none")
+        assert "ssl_check_hostname" not in options("redis://127.0.0.1:6379/0")
+
     @pytest.mark.parametrize("timeout", [0, -1, float("nan")])
     def test_bad_timeouts(self, timeout: float) -> None:
         """Timeouts must be finite and above zero."""
@@ -356,13 +511,17 @@ class TestConnections:
             RedisStore.from_url("redis://127.0.0.1", socket_timeout=timeout)
 
     def test_unreachable_server_is_a_store_error(self) -> None:
-        """Nothing listening: StoreError, quickly, naming the script."""
+        """Nothing listening: StoreError, quickly, naming the script, and neither it nor its
+        traceback shows the URL's password."""
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
-        with pytest.raises(StoreError, match=r"buckets\.lua failed after 1 attempt: .*refused"):
+        store = RedisStore.from_url(f"redis://user:Secret9@127.0.0.1:{port}/0", retries=0)
+        with pytest.raises(
+            StoreError, match=r"buckets\.lua failed after 1 attempt: .*refused"
+        ) as info:
             store.acquire("k", entries("k", [rpm], None), 0, 1000)
+        assert "Secret9" not in "".join(traceback.format_exception(info.value))
 
     @pytest.mark.parametrize("retries", [-1, 1.5, None])
     def test_bad_retries(self, retries: object) -> None:

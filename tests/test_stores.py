@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from taskthrottle import InvalidInput, Limit, Limiter, RequestTooLarge, Throttled, Violation
+from taskthrottle import (
+    InvalidInput,
+    Limit,
+    Limiter,
+    MemoryStore,
+    RedisStore,
+    RequestTooLarge,
+    Throttled,
+    Violation,
+)
+from taskthrottle._algorithms import SLOTS_READ
 from taskthrottle._plan import Target, entries
 from taskthrottle._store import CONCURRENCY, Entry, Store
-from taskthrottle.testing import ManualClock
+from taskthrottle.testing import DEFAULT_START, ManualClock
 
 rpm = Limit.per_minute("rpm", 60)
 tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
@@ -27,6 +39,23 @@ def request(target: Target, *limits: Limit) -> list[Entry]:
 def slots(request: list[Entry]) -> list[Entry]:
     """The concurrency entries of ``request``: what its release frees."""
     return [e for e in request if e.kind == CONCURRENCY]
+
+
+def stored_holders(store: Store, key: str) -> set[str]:
+    """The ids of the leases a store keeps in ``key``'s slots, expired or not: what it
+    stores, which no answer tells."""
+    if isinstance(store, MemoryStore):
+        state = store._stripes[hash(key) % len(store._stripes)].keys.get(key)
+        fields = {} if state is None else state.fields
+        return {
+            lease
+            for (kind, _), held in fields.items()
+            if kind == CONCURRENCY
+            for lease in held.leases
+        }
+    assert isinstance(store, RedisStore)
+    members: Any = store.client.zrange(store._codec.key_names(key)[1], 0, -1)
+    return {m.decode().split(":", 2)[2] for m in members if not m.startswith(b"#")}
 
 
 class TestTokenBucket:
@@ -230,6 +259,59 @@ class TestConcurrency:
         refused(limiter, "k", [conc], consume={"conc": 2})
         limiter.acquire("k", [conc])
 
+    def test_a_refusal_prunes_expired_holders(self, store: Store, clock: ManualClock) -> None:
+        """A refused acquire forgets the holders whose slots expired, as a grant does (and
+        no answer can tell): the next refusal need not read them again."""
+        conc = request("k", Limit.concurrency("conc", 2))
+        assert store.acquire("brief", conc, 0, 10_000).granted
+        assert store.acquire("long", conc, 0, 100_000).granted
+        clock.advance(20)
+        two = request("k", Limit.concurrency("conc", 2)).copy()
+        two[0] = two[0]._replace(amount=2000)
+        assert store.acquire("wide", two, 0, 10_000).violations == ((0, 80_000),)
+        assert stored_holders(store, "k") == {"long"}
+        assert store.peek(conc) == [1000]
+        store.settle("long:r", "long", [], conc)
+        assert store.peek(conc) == [2000]
+        assert store.acquire("wide", two, 0, 10_000).granted
+
+    def test_a_refusal_reads_a_bounded_number_of_holders(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        """A refusal reads at most SLOTS_READ holders, soonest expiry first: the wait is
+        exact when they free enough, and past them it is the request's ttl, or the expiry
+        of the last holder read if later."""
+        holders = SLOTS_READ + 20
+        conc = request("k", Limit.concurrency("conc", holders))
+        for n in range(holders):
+            assert store.acquire(f"h{n}", conc, 0, 60_000 + 10 * n).granted
+
+        def wanting(slots: int) -> list[Entry]:
+            return [conc[0]._replace(amount=1000 * slots)]
+
+        exact = store.acquire("x", wanting(SLOTS_READ), 0, 5_000)
+        assert exact.violations == ((0, 60_000 + 10 * (SLOTS_READ - 1)),)
+        beyond = wanting(SLOTS_READ + 1)
+        assert store.acquire("x", beyond, 0, 5_000).violations == ((0, 60_990),)
+        assert store.acquire("x", beyond, 0, 300_000).violations == ((0, 300_000),)
+        clock.advance(61)  # holders 0 to 100 expired, and are pruned: 19 are left to read
+        assert store.acquire("x", wanting(110), 0, 5_000).violations == ((0, 90),)
+
+    def test_the_bound_counts_the_holders_of_every_limit_of_the_key(
+        self, store: Store, clock: ManualClock
+    ) -> None:
+        """Redis keeps the slots of every limit of a key in one sorted set, read in one
+        order: the holders of another limit expiring first count towards the bound (and free
+        nothing), in every store alike."""
+        other = request("k", Limit.concurrency("other", SLOTS_READ))
+        for n in range(SLOTS_READ):
+            assert store.acquire(f"o{n}", other, 0, 10_000 + n).granted
+        conc = request("k", Limit.concurrency("conc", 1))
+        assert store.acquire("holder", conc, 0, 300_000).granted
+        assert store.acquire("x", conc, 0, 5_000).violations == ((0, 10_000 + SLOTS_READ - 1),)
+        clock.advance(10)  # o0 expired: the read reaches the holder of "conc"
+        assert store.acquire("x", conc, 0, 5_000).violations == ((0, 290_000),)
+
     def test_context_manager_releases(self, limiter: Limiter) -> None:
         """Leaving the with block releases the slot, even on error."""
         conc = Limit.concurrency("conc", 1)
@@ -298,6 +380,34 @@ class TestReservations:
         lease = booked.redeem()
         assert lease.consumed == {"rps": 1.0}
         assert limiter.available("k", [per_second]) == {"rps": 0.0}
+
+    @pytest.mark.parametrize(
+        "others", [[], [Limit.quota("q", 10, per="hour")]], ids=["buckets", "entries"]
+    )
+    def test_a_booking_is_replayed_until_a_minute_past_its_turn(
+        self, store: Store, clock: ManualClock, others: list[Limit]
+    ) -> None:
+        """A lease id booked 200 s ahead acquires again for free until a minute past its
+        turn (so that a deferred task proves its booking by its lease id), while an id never
+        booked, or booked too long ago, is charged like a first delivery."""
+        booked = request("k", Limit.parse("slow", "1/200s"), *others)
+        assert store.acquire("first", booked, 0, 60_000).granted
+        assert store.acquire("booked", booked, 300_000, 60_000).delay_ms == 200_000
+
+        def charged_once(lease_id: str) -> bool:
+            before = store.peek(booked)
+            assert store.acquire(lease_id, booked, 600_000, 60_000).granted
+            return store.peek(booked) == [level - 1000 for level in before]
+
+        for at, delay in ((190, 10_000), (250, 0), (259.999, 0)):
+            clock.set(DEFAULT_START + at)
+            before = store.peek(booked)
+            again = store.acquire("booked", booked, 0, 60_000)
+            assert (again.granted, again.delay_ms) == (True, delay)
+            assert store.peek(booked) == before  # replayed: nothing charged
+        assert charged_once("forged")
+        clock.set(DEFAULT_START + 260)
+        assert charged_once("booked")  # a minute past its turn: stale
 
     def test_slots_must_be_free_now(self, limiter: Limiter) -> None:
         """Concurrency slots cannot be booked ahead; a free one is held from now."""

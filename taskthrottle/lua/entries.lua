@@ -39,8 +39,7 @@ end
 
 -- FIELD and FIELD2: the hash fields of a bucket or quota. VALUE and SINCE: its stored
 -- state (a bucket's debit and anchor, a quota's use and window; nil when none), brought
--- to now by `look`, after which VALUE counts the expired leases of a concurrency entry's
--- key. USED: what the entry holds now.
+-- to now by `look`. USED: what the entry holds now.
 local KEY, KIND, CAP, REFILL, PERIOD, AMOUNT, NAME, FIELD, FIELD2 = 1, 2, 3, 4, 5, 6, 7, 8, 9
 local VALUE, SINCE, USED = 10, 11, 12
 
@@ -88,7 +87,7 @@ end
 -- Concurrency slots: besides a member per lease (see prelude.lua), a key's zset keeps per
 -- limit name a member "#<name>" scored -1 - (slots_mt held), so that what is held is one
 -- ZSCORE away instead of a sum over every lease. The negative score keeps it out of every
--- range of expiries. Leases that expired still count in it until a write prunes them.
+-- range of expiries. Leases that expired still count in it until an acquire prunes them.
 
 -- The member of e's slots held by `lease`.
 local function slot_member(e, lease)
@@ -138,29 +137,37 @@ local function slots_prune(key, now)
 end
 
 -- Milliseconds until `amount` more slots of e fit, `used` being held now by other leases
--- than the member `own` (nil when none): the live leases of e's name in order of expiry,
--- read a page at a time, until enough would be free.
-local function slots_wait(e, now, used, amount, own)
-  local prefix, since, page = e[NAME] .. ':', string.format('(%.0f', now), 100
-  for offset = 0, math.huge, page do
-    local members = redis.call('ZRANGEBYSCORE', e[KEY], since, '+inf', 'WITHSCORES',
-      'LIMIT', offset, page)
-    for i = 1, #members, 2 do
-      local member = members[i]
-      if string.sub(member, 1, #prefix) == prefix and member ~= own then
-        used = used - tonumber(string.match(member, '^(%d+):', #prefix + 1))
-        if used + amount <= e[CAP] then return max(1, tonumber(members[i + 1]) - now) end
-      end
+-- than the member `own` (nil when none): the expiry of the lease at which enough would be
+-- free, the live leases read in order of expiry (those of every name under the key: one
+-- zset holds them). At most SLOTS_READ are read, so that a refusal costs the same with
+-- 20,000 holders as with one; when they free too little (a request of many slots, a cap
+-- lowered below what is held), the answer is a conservative guess rather than a scan:
+-- `ttl`, or the expiry of the last lease read if later. Mirrors slots_wait of
+-- _algorithms.py.
+local function slots_wait(e, now, used, amount, own, ttl)
+  local prefix = e[NAME] .. ':'
+  local members = redis.call('ZRANGEBYSCORE', e[KEY], string.format('(%.0f', now), '+inf',
+    'WITHSCORES', 'LIMIT', 0, SLOTS_READ)
+  local wait = 0
+  for i = 1, #members, 2 do
+    local member = members[i]
+    wait = tonumber(members[i + 1]) - now
+    if string.sub(member, 1, #prefix) == prefix and member ~= own then
+      used = used - tonumber(string.match(member, '^(%d+):', #prefix + 1))
+      if used + amount <= e[CAP] then return max(1, wait) end
     end
-    if #members < 2 * page then break end
   end
-  return error('taskthrottle: slots requested exceed the capacity')
+  if #members < 2 * SLOTS_READ then
+    return error('taskthrottle: slots requested exceed the capacity')
+  end
+  return max(1, ttl, wait)
 end
 
 -- Brings e's state to `now` and returns the wait (ms) before e's amount fits; the slots
--- that `lease` (nil for none) holds of e already do not count against it. Mirrors
--- quota_used, quota_wait and slots_wait of _algorithms.py.
-local function look(e, now, lease)
+-- that `lease` (nil for none) holds of e already do not count against it, and a wait for
+-- slots past what SLOTS_READ leases tell is `ttl` (see slots_wait). Mirrors quota_used,
+-- quota_wait and slots_wait of _algorithms.py.
+local function look(e, now, lease, ttl)
   local kind, amount, cap = e[KIND], e[AMOUNT], e[CAP]
   if kind == 0 then
     local debit, anchor, used = bucket_level(e[VALUE], e[SINCE], now, e[REFILL], e[PERIOD])
@@ -173,26 +180,33 @@ local function look(e, now, lease)
     if e[USED] + amount <= cap then return 0 end
     return (window + 1) * e[PERIOD] - now
   end
-  local members, expired = slots_expired(e[KEY], now)
-  local used = slots_held(e[KEY], e[NAME]) - (expired[e[NAME]] or 0)
-  e[VALUE], e[USED] = #members, used
+  -- An acquire (given a `lease`) forgets the expired leases first, whether it is granted
+  -- or refused: invisible, as they no longer count, and a refusal that kept them would
+  -- read them all again on every call. A peek writes nothing: it discounts them.
+  local used
+  if lease then
+    slots_prune(e[KEY], now)
+    used = slots_held(e[KEY], e[NAME])
+  else
+    local _, expired = slots_expired(e[KEY], now)
+    used = slots_held(e[KEY], e[NAME]) - (expired[e[NAME]] or 0)
+  end
+  e[USED] = used
   if used + amount <= cap then return 0 end
   -- A lease acquiring again while it holds its slots only moves their expiry (see
   -- hold_slots): what it holds is not in its way. Read only when it could matter.
   local own = lease and slots_own(e, lease, now) or 0
   if used - own + amount <= cap then return 0 end
-  return slots_wait(e, now, used - own, amount, own > 0 and slot_member(e, lease) or nil)
+  return slots_wait(e, now, used - own, amount, own > 0 and slot_member(e, lease) or nil, ttl)
 end
 
 -- Holds the slots of every concurrency entry for `lease` until now + held, as `look` left
--- them (they fit): a new member is counted, while a lease holding its member already (it
--- acquires again) only moves its expiry.
+-- them (they fit, the expired pruned): a new member is counted, while a lease holding its
+-- member already (it acquires again) only moves its expiry.
 local function hold_slots(entries, now, held, lease)
   local expire = min(held, MAX_EXPIRY)
   for _, e in ipairs(entries) do
     if e[KIND] == 1 then
-      if e[VALUE] > 0 then slots_prune(e[KEY], now) end  -- `look` read the expired ones
-      -- What `look` found held is what the prune left.
       local added = redis.call('ZADD', e[KEY], now + held, slot_member(e, lease))
       redis.call('ZADD', e[KEY], -1 - (e[USED] + added * e[AMOUNT]), '#' .. e[NAME])
       if redis.call('PTTL', e[KEY]) < expire then

@@ -1,10 +1,10 @@
---[[ prelude.lua: what every script starts with (after the constant the client shares,
-OP_MEMORY_MS): the clock and the op memory.
+--[[ prelude.lua: what every script starts with (after the constants the client shares,
+OP_MEMORY_MS and SLOTS_READ): the clock and the op memory.
 
 KEYS[1]     the op: `{ns}:op:a:<lease id>` for an acquire, `{ns}:op:s:<op id>` for a
             settle (two spaces, so that no settle id can pass for a lease id); a STRING,
-            the turn (ms) of an op already done, kept for OP_MEMORY_MS so that a call the
-            client sends again changes nothing
+            the turn (ms) of an op already done, kept until OP_MEMORY_MS past that turn so
+            that a call the client sends again changes nothing
 KEYS[2..]   the keys entries name by index: `{ns}:b:<key>`, a HASH of buckets and
             quotas, two fields each ("b:<name>" = debit_mt and "b@<name>" = anchor_ms for a
             bucket; "q:<name>" = used_mt and "q@<name>" = window index for a quota), and
@@ -73,12 +73,15 @@ local function op_recall(now)
 end
 
 -- Records this op with its `turn` and returns nil, or returns the turn an earlier run
--- recorded, recording nothing.
+-- recorded, recording nothing. The record lives until OP_MEMORY_MS past the turn, as long
+-- as op_recall honours it: a reservation booked minutes ahead is still known at its turn
+-- (the integrations check a deferred task's booking by acquiring again with its lease id).
 local function op_claim(turn, now)
-  if redis.call('SET', KEYS[1], turn, 'NX', 'PX', OP_MEMORY_MS) then return nil end
+  local ttl = expiry_arg(turn - now + OP_MEMORY_MS)
+  if redis.call('SET', KEYS[1], turn, 'NX', 'PX', ttl) then return nil end
   local earlier = op_recall(now)
   if earlier then return earlier end
-  redis.call('SET', KEYS[1], turn, 'PX', OP_MEMORY_MS)
+  redis.call('SET', KEYS[1], turn, 'PX', ttl)
   return nil
 end
 

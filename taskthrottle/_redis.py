@@ -352,6 +352,13 @@ def connect(factory: Callable[..., C], url: str, options: dict[str, Any]) -> C:
         raise InvalidInput(f"bad Redis URL {redact(url)!r}: {reason}") from None
 
 
+def client_for(url: str, timeout: float = 2.0) -> redis.Redis:
+    """A plain client for ``url`` (the Redis parked tasks live in): short timeouts, no
+    retries of redis-py's own, host names checked, its password kept out of errors."""
+    options = client_options(timeout, timeout)
+    return connect(redis.Redis.from_url, url, options | tls_options(url, options))
+
+
 def check_authority(url: str) -> None:
     """Refuse a ``redis://`` or ``rediss://`` URL whose host part does not parse, or whose
     password holds an unescaped ``/``, ``?`` or ``#``: that ends the host part inside the

@@ -70,7 +70,7 @@ class Store(Protocol):
         ``max_wait_ms``; concurrency and quota entries pass only when they fit
         now. Concurrency slots are held for ``ttl_ms`` after the turn; the slots
         ``lease_id`` holds already never count against it, and only move their expiry.
-        Repeating a granted ``lease_id`` (within a minute) returns the first answer and
+        Repeating a granted ``lease_id`` (until a minute past its turn) returns the first answer and
         charges no bucket or quota again; its slots are held again from the turn, taken
         again if they were freed meanwhile and fit, else the repeat is refused.
         """

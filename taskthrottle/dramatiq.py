@@ -282,11 +282,9 @@ def _parking_client(broker: Any, settings: Settings) -> Any:
     """The Redis client parked messages live in: ``park_url``, else the broker's when it is
     a RedisBroker (None: park beside the limiter's state)."""
     if settings.park_url is not None:
-        import redis
+        from taskthrottle._redis import client_for
 
-        return redis.Redis.from_url(
-            settings.park_url, socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        return client_for(settings.park_url)
     client = getattr(broker, "client", None)
     return client if type(client).__module__.startswith("redis") else None
 

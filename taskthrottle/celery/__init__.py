@@ -94,9 +94,9 @@ def parking_client(app: Celery, settings: Settings) -> Any:
         if not first.startswith(("redis://", "rediss://", "unix://")):
             return None
         url = first
-    import redis
+    from taskthrottle._redis import client_for
 
-    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    return client_for(url)
 
 
 def _upgrade_tasks(sender: Celery, **_: Any) -> None:

@@ -69,7 +69,9 @@ class Settings:
     #: The Redis parked tasks live in; by default the broker's when it is Redis, else the
     #: limiter's store.
     park_url: str | None = field(default=None, repr=False)
-    namespace: str = "taskthrottle"
+    #: The namespace of limits built from ``redis_url``; by default one of the app's own
+    #: (``taskthrottle.celery.<app name>``): apps share limits only when they say so.
+    namespace: str | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -139,8 +141,8 @@ class State:
             elif self.settings.redis_url:
                 from taskthrottle._redis import RedisStore
 
-                url, ns = self.settings.redis_url, self.settings.namespace
-                made = Limiter(RedisStore.from_url(url, namespace=ns))
+                url = self.settings.redis_url
+                made = Limiter(RedisStore.from_url(url, namespace=self.namespace()))
             else:
                 made = Limiter()
             self._limiter = self._configure(made)
@@ -155,6 +157,11 @@ class State:
             limiter.store_retry = settings.store_retry
         return limiter
 
+    def namespace(self) -> str:
+        """The namespace of limits built from ``redis_url``, and of parked tasks beside a
+        store that is not Redis: the setting, else one of the app's own."""
+        return self.settings.namespace or f"taskthrottle.{self._app}"
+
     def parking_unset(self) -> bool:
         """True until an integration said where to park (before the first deferral)."""
         return self._parking is None and self._deferrals is None
@@ -168,7 +175,8 @@ class State:
         """Parking and run tokens: in the broker's Redis when ``parking`` gives one."""
         if self._deferrals is None:
             client = None if self._parking is None else self._parking()
-            self._deferrals = deferrals_for(self.limiter().store, client, self.settings.namespace)
+            store, namespace = self.limiter().store, self.namespace()
+            self._deferrals = deferrals_for(store, client, namespace, self._app)
         return self._deferrals
 
 

@@ -261,3 +261,26 @@ def test_the_horizon_is_bounded() -> None:
     """No task books its turn more than an hour ahead."""
     with pytest.raises(InvalidInput, match="horizon must be at most 3600"):
         Settings(horizon=86_400)
+
+
+def test_each_app_has_its_own_namespace_and_parking(redis_url: str) -> None:
+    """Two apps on one Redis keep their limits and parked tasks apart unless told to share:
+    one never claims the other's parked tasks."""
+    billing = Celery("billing", broker=redis_url, set_as_current=False)
+    other = Celery("other", broker=redis_url, set_as_current=False)
+    for app in (billing, other):
+        taskthrottle.celery.install(app, redis_url)
+    stores = [limiter_for(app).store for app in (billing, other)]
+    assert [repr(s).split("namespace=")[1] for s in stores] == [
+        "'taskthrottle.celery.billing')",
+        "'taskthrottle.celery.other')",
+    ]
+    from taskthrottle.celery._gate import state_of
+
+    billing_parking, other_parking = (state_of(app).deferrals() for app in (billing, other))
+    billing_parking.park(f"charge-{time.time_ns()}", 0, b"x")
+    assert other_parking.claim(lead=1, batch=10, hold=1).parked == []
+    claimed = billing_parking.claim(lead=1, batch=10, hold=1).parked
+    assert len(claimed) == 1
+    client = stores[0].client  # type: ignore[attr-defined]
+    client.delete(*client.keys("{taskthrottle.celery.billing}:*"))

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser, Unreadable
 from taskthrottle._exceptions import InvalidInput, StoreError, require
@@ -76,7 +76,9 @@ class ThrottleMiddleware(Middleware):
 
     def __init__(self, limiter: Limiter | Callable[[], Limiter] | None = None, **settings: Any):
         self.state = State(Settings(**(DRAMATIQ_DEFAULTS | settings)), limiter)
-        self._held: dict[str, tuple[Lease, Any]] = {}
+        # The lease of the message this thread processes, with its context token: a stale
+        # copy skipped in another thread must not settle it.
+        self._held = threading.local()
         self._specs: dict[str, tuple[Throttle, ...]] = {}
         self._stopping = threading.Event()
         self._releaser: threading.Thread | None = None
@@ -111,7 +113,7 @@ class ThrottleMiddleware(Middleware):
             # Dramatiq would log any other exception and run the actor anyway, unthrottled.
             raise DeferFailed(f"could not throttle message {message.message_id}: {exc}") from exc
         if lease is not None:
-            self._held[message.message_id] = (lease, _current.set(lease))
+            self._held.lease = (message.message_id, lease, _current.set(lease))
 
     def after_process_message(
         self,
@@ -149,10 +151,20 @@ class ThrottleMiddleware(Middleware):
             log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)
             raise SkipMessage("taskthrottle: stale copy")
         attempt = int(message.options.get("retries") or 0)
-        turn = book_turn(self.state, ask, message.message_id, meta, attempt)
-        if isinstance(turn, Defer):
+        while True:
+            turn = book_turn(self.state, ask, message.message_id, meta, attempt)
+            if not isinstance(turn, Defer):
+                return turn
             self._defer(broker, message, turn)
-        return turn
+            # The broker refused the copy: Retries would need the same broker, and a skip
+            # would lose the message. It waits here, in this thread, for its turn.
+            log.warning(
+                "taskthrottle: could not hand message %s back; holding it %.1f s in this worker",
+                message.message_id,
+                turn.wait,
+            )
+            time.sleep(turn.wait)
+            meta = turn.meta
 
     def _bind(self, broker: Any) -> None:
         """Park in the broker's Redis, when the broker is Redis (and no park_url is set)."""
@@ -166,8 +178,9 @@ class ThrottleMiddleware(Middleware):
         except StoreError:
             return True  # cannot tell: at-least-once beats losing the message
 
-    def _defer(self, broker: Any, message: Any, turn: Defer) -> NoReturn:
-        """Enqueue a copy for ``turn.wait`` seconds from now (or park it), then skip this one.
+    def _defer(self, broker: Any, message: Any, turn: Defer) -> None:
+        """Enqueue a copy for ``turn.wait`` seconds from now (or park it), then skip this one
+        (raises SkipMessage); returns only when the broker refused the copy.
 
         The copy keeps the message's timestamp, so that ``max_age`` counts from when it was
         first sent, as without throttling. A copy made while the store fails goes through
@@ -182,8 +195,8 @@ class ThrottleMiddleware(Middleware):
         if not (parks and self._park(copy, turn.wait)):
             try:
                 broker.enqueue(copy, delay=max(1, round(turn.wait * 1000)))
-            except Exception as exc:
-                raise DeferFailed(f"could not defer message {message.message_id}: {exc}") from exc
+            except Exception:
+                return
             if not turn.offline:
                 with contextlib.suppress(StoreError):
                     self.state.deferrals().expect(message.message_id, meta["token"], prior=prior)
@@ -208,10 +221,11 @@ class ThrottleMiddleware(Middleware):
         return True
 
     def _settle(self, message: Any, *, failed: bool) -> None:
-        held = self._held.pop(message.message_id, None)
-        if held is None:
+        held = getattr(self._held, "lease", None)
+        if held is None or held[0] != message.message_id:
             return
-        lease, token = held
+        del self._held.lease
+        _, lease, token = held
         _current.reset(token)
         settle(lease, self.state.settings, failed=failed)
 

@@ -30,18 +30,32 @@ def release_due(app: Any, releaser: Releaser | None = None) -> int:
 
 
 class ReleaseStep(bootsteps.StartStopStep):
-    """A worker step: one thread per node that releases parked tasks every ``park_poll``."""
+    """A worker step: one thread per node that releases parked tasks every ``park_poll``.
+
+    It starts after the pool, and releases once in the worker's own thread before its
+    thread takes over: a prefork child forked while that thread held the import lock (its
+    first connection imports codecs) would wait for it forever. Children forked later find
+    everything imported.
+    """
 
     label = "taskthrottle releaser"
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.app = worker.app
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.releaser: Releaser | None = None
 
     def start(self, worker: Any) -> None:
-        """Start releasing."""
+        """Release once, then start releasing every ``park_poll``."""
+        state = state_of(self.app)
+        deferrals = state.deferrals()
+        if isinstance(deferrals, RedisDeferrals):
+            deferrals.warn_if_volatile()
+        self.releaser = Releaser(deferrals, state.settings.park_lead)
+        self.release()
         self.thread = threading.Thread(target=self.run, name="taskthrottle-releaser", daemon=True)
         self.thread.start()
 
@@ -52,13 +66,13 @@ class ReleaseStep(bootsteps.StartStopStep):
             self.thread.join(timeout=10)
 
     def run(self) -> None:
-        state = state_of(self.app)
-        deferrals = state.deferrals()
-        if isinstance(deferrals, RedisDeferrals):
-            deferrals.warn_if_volatile()
-        releaser = Releaser(deferrals, state.settings.park_lead)
-        while not self.stopping.wait(state.settings.park_poll):
-            try:
-                release_due(self.app, releaser)
-            except Exception:  # a bug: say so, and keep releasing
-                log.exception("taskthrottle: releasing parked tasks failed; will try again")
+        """The thread: release every ``park_poll`` until the worker stops."""
+        while not self.stopping.wait(state_of(self.app).settings.park_poll):
+            self.release()
+
+    def release(self) -> None:
+        """One round of releasing."""
+        try:
+            release_due(self.app, self.releaser)
+        except Exception:  # a bug: say so, and keep releasing
+            log.exception("taskthrottle: releasing parked tasks failed; will try again")

@@ -198,10 +198,13 @@ L = TypeVar("L", Lease, AsyncLease)
 class _ReservationBase(Generic[L]):
     """A booked turn and the lease it holds; `cancel` lives in the twins."""
 
-    def __init__(self, lease: L, delay: float) -> None:
+    def __init__(self, lease: L, delay: float, replayed: bool = False) -> None:
         self._lease: L = lease
         #: Seconds from the moment the reservation was made until its turn.
         self.delay = delay
+        #: True when the store had booked this lease id already (a repeated call): this
+        #: reservation is that booking, charged then.
+        self.replayed = replayed
         #: "reserved", "redeemed" or "cancelled".
         self.state = "reserved"
 
@@ -249,8 +252,9 @@ class Reservation(_ReservationBase[Lease]):
         delay: float,
         made_at: float = 0.0,
         renewal: tuple[Renewer, int] | None = None,
+        replayed: bool = False,
     ) -> None:
-        super().__init__(Lease(store, lease_id, entries, made_at), delay)
+        super().__init__(Lease(store, lease_id, entries, made_at), delay, replayed)
         self._renewal = renewal
 
     def redeem(self) -> Lease:
@@ -279,8 +283,9 @@ class AsyncReservation(_ReservationBase[AsyncLease]):
         entries: list[Entry],
         delay: float,
         made_at: float = 0.0,
+        replayed: bool = False,
     ) -> None:
-        super().__init__(AsyncLease(store, lease_id, entries, made_at), delay)
+        super().__init__(AsyncLease(store, lease_id, entries, made_at), delay, replayed)
 
     async def cancel(self) -> None:
         """Give the tokens and slots back. Idempotent; not possible once redeemed."""

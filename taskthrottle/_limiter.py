@@ -254,7 +254,7 @@ class Limiter:
         renewer = self._renewer_for(store)
         renewal = None if renewer is None else (renewer, ttl_ms)
         delay, made_at = outcome.delay_ms / 1000, outcome.now_ms / 1000
-        return Reservation(store, lease_id, charged, delay, made_at, renewal)
+        return Reservation(store, lease_id, charged, delay, made_at, renewal, outcome.replayed)
 
     def redeem(
         self,
@@ -409,9 +409,8 @@ class AsyncLimiter:
         max_wait_ms = _seconds(max_wait, "max_wait", allow_zero=True)
         charged, ttl_ms, lease_id = _request(target, limits, consume, ttl, self._ttl_ms, lease_id)
         outcome, store = await self._charge(lease_id, charged, max_wait_ms, ttl_ms)
-        return AsyncReservation(
-            store, lease_id, charged, outcome.delay_ms / 1000, outcome.now_ms / 1000
-        )
+        delay, made_at = outcome.delay_ms / 1000, outcome.now_ms / 1000
+        return AsyncReservation(store, lease_id, charged, delay, made_at, outcome.replayed)
 
     async def redeem(
         self,

@@ -233,7 +233,7 @@ class MemoryStore:
             for entry, look in zip(entries, looks, strict=True):
                 self._charge(entry, look, now, lease_id, expiry)
             self._acquired.remember(lease_id, now + delay)
-        return _new(Outcome, (True, delay, now, ()))  # Outcome(...) without its slow defaults
+        return _new(Outcome, (True, delay, now, (), False))  # Outcome(...) without its defaults
 
     def _replay(
         self, lease_id: str, entries: Sequence[Entry], turn: int, now: int, ttl_ms: int
@@ -253,7 +253,7 @@ class MemoryStore:
             return Outcome(False, max(wait for _, wait in violations), now, violations)
         for _, e, look in looks:
             self._charge(e, look, now, lease_id, now + delay + ttl_ms)
-        return Outcome(True, delay, now)
+        return Outcome(True, delay, now, replayed=True)
 
     def _acquire_buckets(
         self, key: str, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, now: int
@@ -264,7 +264,7 @@ class MemoryStore:
         with stripe.lock:
             turn = self._acquired.seen(lease_id, now)
             if turn is not None:
-                return _new(Outcome, (True, max(0, turn - now), now, ()))
+                return _new(Outcome, (True, max(0, turn - now), now, (), True))
             state = stripe.keys.get(key)
             live = state is not None and state.expires > now
             fields = state.fields if live else {}  # type: ignore[union-attr]
@@ -302,7 +302,7 @@ class MemoryStore:
                 until = max(until, anchor + debit * period // refill + 1)
             state.expires = until  # type: ignore[union-attr]
             self._acquired.remember(lease_id, now + delay)
-        return _new(Outcome, (True, delay, now, ()))
+        return _new(Outcome, (True, delay, now, (), False))
 
     def _refused(self, entries: Sequence[Entry], now: int, max_wait_ms: int) -> Outcome:
         """The refusal of a request some of whose entries wait beyond ``max_wait_ms``."""

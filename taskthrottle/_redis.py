@@ -178,16 +178,22 @@ Encoding = tuple[list[str], list[str], Script]
 def outcome(reply: Any) -> Outcome:
     """An acquire reply as an `Outcome`."""
     if type(reply) is int:  # granted with no delay, the common case: the store's clock
-        return _new(Outcome, (True, 0, reply, ()))
+        return _new(Outcome, (True, 0, reply, (), False))
     try:
         granted, delay, now, *rest = (int(x) for x in reply)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"unexpected reply from acquire.lua: {reply!r}") from exc
     pairs = tuple((rest[i] - 1, rest[i + 1]) for i in range(0, len(rest), 2))
-    return Outcome(granted == 1, delay, now, pairs)
+    return Outcome(granted >= 1, delay, now, pairs, granted == 2)
 
 
 _new = tuple.__new__
+
+
+def _retried(found: Outcome) -> Outcome:
+    """The outcome of an acquire that was sent again: an attempt whose reply was lost may
+    have been granted, which this one then replays; the grant is this call's own."""
+    return found._replace(replayed=False) if found.replayed else found
 
 
 def client_options(socket_timeout: float, connect_timeout: float) -> dict[str, Any]:
@@ -462,7 +468,14 @@ class RedisStore:
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
     ) -> Outcome:
         """See `taskthrottle.Store.acquire`."""
-        return outcome(self._run(*self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms)))
+        script, keys, argv = self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms)
+        try:
+            return outcome(self._evalsha(script, keys, argv))
+        except RETRIABLE as exc:
+            reply = self._retries.call(script.name, exc, self._evalsha, script, keys, argv)
+        except redis.exceptions.RedisError as exc:
+            raise self._retries.error(script.name, exc) from exc
+        return _retried(outcome(reply))
 
     def settle(
         self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]
@@ -550,9 +563,14 @@ class AsyncRedisStore:
         self, lease_id: str, entries: Sequence[Entry], max_wait_ms: int, ttl_ms: int
     ) -> Outcome:
         """See `taskthrottle.Store.acquire`."""
-        return outcome(
-            await self._run(*self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms))
-        )
+        script, keys, argv = self._codec.acquire(lease_id, entries, max_wait_ms, ttl_ms)
+        try:
+            return outcome(await self._eval(script, keys, argv))
+        except RETRIABLE as exc:
+            reply = await self._retries.acall(script.name, exc, self._eval, script, keys, argv)
+        except redis.exceptions.RedisError as exc:
+            raise self._retries.error(script.name, exc) from exc
+        return _retried(outcome(reply))
 
     async def settle(
         self, op_id: str, lease_id: str, deltas: Sequence[Entry], release: Sequence[Entry]

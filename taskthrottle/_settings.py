@@ -207,10 +207,21 @@ class Defer(NamedTuple):
 
 
 def book_turn(
-    state: State, ask: Request, message_id: str, meta: Mapping[str, Any], attempt: int
-) -> Lease | Defer:
+    state: State,
+    ask: Request,
+    message_id: str,
+    meta: Mapping[str, Any],
+    attempt: int,
+    *,
+    once: bool = False,
+) -> Lease | Defer | None:
     """What one delivery of a throttled task does: run now under a `Lease`, or wait
-    (`Defer`). ``attempt`` counts the task's retries: each pays again."""
+    (`Defer`). ``attempt`` counts the task's retries: each pays again.
+
+    ``once``: this delivery must not run if it was granted before (its message was
+    acknowledged before it ran, so a second delivery is a duplicate: a lost ack, a reused
+    task id); None then, and it is dropped.
+    """
     limiter, settings = state.limiter(), state.settings
     if meta.get("attempt", 0) != attempt:  # a retry carries the headers of the attempt before
         meta = {}
@@ -232,6 +243,8 @@ def book_turn(
         return Defer(again, exc.retry_after, offline=True)
     except Throttled as exc:
         return Defer(again, retry_wait(exc, ask, settings))
+    if once and reservation.replayed:
+        return None
     if reservation.delay <= 0:
         return reservation.redeem()
     due = time.time() + reservation.delay

@@ -40,13 +40,15 @@ class Outcome(NamedTuple):
     Granted: ``delay_ms`` is when the turn comes (0 = now). Refused:
     ``delay_ms`` is the wait after which the whole request would pass, and
     ``violations`` pairs the index of each refusing entry with its own wait.
-    ``now_ms`` is the store's clock at the decision.
+    ``now_ms`` is the store's clock at the decision. ``replayed``: the grant is the
+    repeat of an earlier grant of the same lease id, which charged it.
     """
 
     granted: bool
     delay_ms: int
     now_ms: int
     violations: tuple[tuple[int, int], ...] = ()
+    replayed: bool = False
 
 
 def check_renew_ttl(ttl_ms: object) -> int:

@@ -143,7 +143,7 @@ class ThrottleMiddleware(Middleware):
         if self._releaser is not None:
             self._releaser.join(timeout=10)
 
-    def _admit(self, broker: Any, message: Any, ask: Request) -> Lease:
+    def _admit(self, broker: Any, message: Any, ask: Request) -> Lease | None:
         self._bind(broker)
         meta = dict(message.options.get(OPTION) or {})
         token = meta.get("token")
@@ -152,8 +152,10 @@ class ThrottleMiddleware(Middleware):
             raise SkipMessage("taskthrottle: stale copy")
         attempt = int(message.options.get("retries") or 0)
         while True:
+            # Dramatiq acknowledges a message after it ran: a redelivery is the broker
+            # handing back a message whose worker died, which runs again.
             turn = book_turn(self.state, ask, message.message_id, meta, attempt)
-            if not isinstance(turn, Defer):
+            if not isinstance(turn, Defer):  # (never None: once is not asked for)
                 return turn
             self._defer(broker, message, turn)
             # The broker refused the copy: Retries would need the same broker, and a skip

@@ -284,3 +284,37 @@ def test_each_app_has_its_own_namespace_and_parking(redis_url: str) -> None:
     assert len(claimed) == 1
     client = stores[0].client  # type: ignore[attr-defined]
     client.delete(*client.keys("{taskthrottle.celery.billing}:*"))
+
+
+def test_a_task_id_delivered_again_runs_once() -> None:
+    """Three messages with one task id (a producer reusing an id, or a lost acknowledgement
+    redelivering a task that ran): the task runs once; the others are dropped, not replayed
+    for free."""
+    from celery import signals
+
+    app = make_app(task_default_queue="reused")
+    limiter = memory_limiter()
+    taskthrottle.celery.install(app, limiter)
+    ran: list[int] = []
+    ended: list[str] = []
+
+    @app.task(shared=False)
+    @throttled(Limit.per_hour("rph", 10), key="reused")
+    def job(n: int) -> None:
+        ran.append(n)
+
+    def postrun(state: str, **_: Any) -> None:
+        ended.append(state)
+
+    signals.task_postrun.connect(postrun, sender=job, weak=False)
+    try:
+        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+            for n in range(3):
+                job.apply_async((n,), task_id="same-id")
+            wait_for(lambda: len(ended) >= 3, 20, "three deliveries to end")
+    finally:
+        signals.task_postrun.disconnect(postrun, sender=job)
+    assert ran == [0]
+    assert sorted(ended) == ["IGNORED", "IGNORED", "SUCCESS"]
+    left = limiter.available("reused", [Limit.per_hour("rph", 10)])["rph"]
+    assert 9 <= left < 9.5  # charged once (and refilled a little since)

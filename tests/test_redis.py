@@ -582,7 +582,8 @@ def test_a_retried_acquire_charges_once(
     redis_url: str, namespace: str, client: redis.Redis
 ) -> None:
     """The store sends a timed-out EVALSHA again; the server runs it twice and charges
-    once. (Counted at the proxy: the server's own command counts include other clients'.)"""
+    once, and the grant is the call's own, not a replay of an earlier one. (Counted at the
+    proxy: the server's own command counts include other clients'.)"""
     warm = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
     warm.acquire("warm", [rpm])  # the script is loaded: the proxy sees EVALSHA first
     host, port = client.connection_pool.connection_kwargs.get("host"), 6379
@@ -591,10 +592,11 @@ def test_a_retried_acquire_charges_once(
     try:
         url = f"redis://127.0.0.1:{proxy.port}/{client.connection_pool.connection_kwargs['db']}"
         store = RedisStore.from_url(url, namespace=namespace, socket_timeout=0.3, retries=2)
-        store.acquire("x", entries("k", [slow], {"rph": 10}), 0, 1000)
+        granted = store.acquire("x", entries("k", [slow], {"rph": 10}), 0, 1000)
         runs = proxy.evalshas
     finally:
         proxy.close()
     assert proxy.dropped.is_set()
     assert runs == 2, "the server should have run the acquire twice"
     assert 50.0 <= warm.available("k", [slow])["rph"] < 50.5  # twice would leave 40
+    assert (granted.granted, granted.replayed) == (True, False)

@@ -490,6 +490,20 @@ class TestOpIds:
     """An acquire is remembered by its lease id, a settle by its op id, in two spaces: the
     release of lease "job" (op "job:r") is no lease "job:r", nor the reverse."""
 
+    @pytest.mark.parametrize("kinds", ["buckets", "mixed"])
+    def test_a_repeat_says_it_is_one(self, store: Store, kinds: str) -> None:
+        """A grant of a lease id granted before says so (``replayed``); a first grant, or a
+        booking ahead, does not."""
+        limits = [Limit.per_second("rps", 1)]
+        if kinds == "mixed":
+            limits.append(Limit.concurrency("conc", 2))
+        first = store.acquire("job", request("k", *limits), 5_000, 10_000)
+        ahead = store.acquire("next", request("k", *limits), 5_000, 10_000)
+        again = store.acquire("job", request("k", *limits), 5_000, 10_000)
+        later = store.acquire("next", request("k", *limits), 5_000, 10_000)
+        assert [o.replayed for o in (first, ahead, again, later)] == [False, False, True, True]
+        assert (later.granted, later.delay_ms) == (True, 1_000)
+
     def test_a_settle_id_never_passes_for_a_lease_id(self, store: Store) -> None:
         """Lease "job:r" after lease "job" was released is granted and charged, not replayed."""
         conc, one = Limit.concurrency("conc", 2), Limit.per_hour("one", 5)

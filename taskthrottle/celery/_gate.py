@@ -85,8 +85,16 @@ def _admit(task: Task, state: State, ask: Request) -> Lease:
     if not _current_copy(task, state, meta):
         log.info("taskthrottle: dropping a stale copy of %s[%s]", task.name, request.id)
         raise Ignore()
+    # Acknowledged before it ran (the default), a task delivered again was granted, and
+    # started, under an ack that got lost: it must not run twice. Under acks_late a
+    # redelivery is the broker handing back a task whose worker died: it runs again.
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    once = not (task.acks_late and redelivered)
     while True:
-        turn = book_turn(state, ask, request.id, meta, attempt=request.retries or 0)
+        turn = book_turn(state, ask, request.id, meta, request.retries or 0, once=once)
+        if turn is None:
+            log.info("taskthrottle: dropping a second delivery of %s[%s]", task.name, request.id)
+            raise Ignore()
         if not isinstance(turn, Defer):
             return turn
         _defer(task, state, turn)

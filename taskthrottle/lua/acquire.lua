@@ -13,8 +13,8 @@ no delay: Redis sends a table at a cost of microseconds), or {0, wait_ms, now_ms
 wait1, ...} (1-based entry index and own wait of each refusing entry) having written
 nothing but the pruning of expired slots (see `look`), which no answer can tell. Once
 granted, the lease's turn is recorded, and a repeated call (a client retry) replays the
-grant: it charges nothing, and holds the lease's slots again (see `replay`). A lease's
-own slots never count against it.
+grant, answering {2, delay_ms, now_ms}: it charges nothing, and holds the lease's slots
+again (see `replay`). A lease's own slots never count against it.
 ]]
 
 -- The repeat of a grant made at `earlier` (a client retry, or the lease acquiring again
@@ -32,7 +32,7 @@ local function replay(entries, waits, earlier, now, ttl, lease)
   end
   if #refused > 0 then return refusal(refused, worst, now) end
   hold_slots(entries, now, delay + ttl, lease)
-  return {1, delay, now}
+  return {2, delay, now}
 end
 
 local now = clock()

@@ -107,7 +107,7 @@ end
 -- granted now, its turn recorded.
 local function answer_before_writing(refused, delay, now)
   local earlier = op_replay(refused, delay, now)
-  if earlier then return {1, max(0, earlier - now), now} end
+  if earlier then return {2, max(0, earlier - now), now} end
   if #refused == 0 then return nil end
   return refusal(refused, delay, now)
 end

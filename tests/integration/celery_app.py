@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import redis
-from celery import Celery, signals
+from celery import Celery, Task, signals
+from celery.exceptions import SoftTimeLimitExceeded
 
 import taskthrottle.celery
 from taskthrottle import Limit, Limiter, RedisStore, current_lease, throttled
@@ -162,3 +163,90 @@ if _FAIL_MARKER and _IN_WORKER:
 def note(self: object, value: object) -> None:
     """A link callback: records that it ran, with the value it was given."""
     record("callback", self.request.id, str(value))  # type: ignore[attr-defined]
+
+
+# Tasks of tests/integration/test_celery_features.py: Celery's own features through deferrals.
+# Each test gives every feature a key of its own ("feat:<key>"), under TT_RATE and TT_BURST.
+FEATURE = Limit.per_second("feat", RATE, burst=BURST)
+
+
+@app.task(bind=True, shared=False)
+@throttled(FEATURE, key="feat:{key}")
+def work(self: object, key: str, n: int, fail: bool = False) -> int:
+    """Records its start with the queue and priority of the delivery that runs it; returns
+    n * 2, or raises ValueError when ``fail``."""
+    request = self.request  # type: ignore[attr-defined]
+    info = request.delivery_info or {}
+    where = f"key={key} queue={info.get('routing_key')} priority={info.get('priority')}"
+    record("start", request.id, where)
+    if fail:
+        raise ValueError(f"work {key}/{n} fails on purpose")
+    return n * 2
+
+
+@app.task(bind=True, shared=False)
+@throttled(FEATURE, key="feat:{key}")
+def hold(self: object, key: str, n: int) -> int:
+    """Runs until its soft time limit interrupts it: returns n then, -1 if it never came."""
+    task_id = self.request.id  # type: ignore[attr-defined]
+    record("begun", task_id)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+    except SoftTimeLimitExceeded:
+        record("soft", task_id)
+        return n
+    return -1
+
+
+@app.task(bind=True, shared=False)
+def collect(self: object, results: list[int]) -> list[int]:
+    """A chord callback: records the header results it was given."""
+    record("chord", self.request.id, ",".join(map(str, results)))  # type: ignore[attr-defined]
+    return results
+
+
+@app.task(bind=True, shared=False)
+def linked(self: object, value: object) -> None:
+    """A link callback: records the task it followed (its parent) and the value it got."""
+    record("linked", str(self.request.parent_id), str(value))  # type: ignore[attr-defined]
+
+
+@app.task(shared=False)  # unbound: Celery calls a bound errback with the task id alone
+def errlinked(request: object, exc: BaseException, traceback: object) -> None:
+    """A link_error callback: records the failed task and its exception."""
+    record("errlinked", str(request.id), type(exc).__name__)  # type: ignore[attr-defined]
+
+
+class Handled(Task):  # type: ignore[misc]  # Celery's Task is untyped
+    """A task class with handlers of its own (gated when the app is finalized)."""
+
+    def on_success(self, retval: object, task_id: str, args: object, kwargs: object) -> None:
+        record("on_success", task_id, str(retval))
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: object, kwargs: object, einfo: object
+    ) -> None:
+        record("on_failure", task_id, type(exc).__name__)
+
+    def after_return(
+        self,
+        status: str,
+        retval: object,
+        task_id: str,
+        args: object,
+        kwargs: object,
+        einfo: object,
+    ) -> None:
+        record("after_return", task_id, status)
+
+
+@app.task(bind=True, shared=False, base=Handled)
+@throttled(FEATURE, key="feat:{key}")
+def handled(self: object, key: str, n: int, fail: bool = False) -> int:
+    """A throttled task of the class above: n * 2, or ValueError when ``fail``."""
+    record("start", self.request.id, f"key={key}")  # type: ignore[attr-defined]
+    if fail:
+        raise ValueError(f"handled {key}/{n} fails on purpose")
+    return n * 2

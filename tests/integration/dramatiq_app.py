@@ -11,6 +11,9 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import CurrentMessage, GroupCallbacks
+from dramatiq.middleware.time_limit import TimeLimitExceeded
+from dramatiq.rate_limits.backends import RedisBackend as BarrierBackend
 from dramatiq.results import Results
 from dramatiq.results.backends.redis import RedisBackend
 
@@ -35,6 +38,8 @@ else:
         maintenance_chance=int(os.environ.get("TT_MAINTENANCE", "1000")),
     )
 broker.add_middleware(Results(backend=RedisBackend(url=REDIS, namespace=f"{NS}-results")))
+# Completion callbacks of groups; their barriers are keyed by a UUID (the tests delete them).
+broker.add_middleware(GroupCallbacks(BarrierBackend(url=REDIS), barrier_ttl=600_000))
 LEASE_TTL = float(os.environ.get("TT_LEASE_TTL", "300"))
 broker.add_middleware(
     ThrottleMiddleware(
@@ -105,3 +110,69 @@ class _Deliveries(dramatiq.Middleware):
 
 broker.add_middleware(_Deliveries(), before=ThrottleMiddleware)
 broker.add_middleware(dramatiq.middleware.CurrentMessage())
+
+
+# Actors of tests/integration/test_dramatiq_features.py: Dramatiq's own features through
+# deferrals. Each test gives every feature a key of its own ("feat:<key>"), under TT_RATE and
+# TT_BURST. None may be retried: a deferral counted as a retry would lose its message.
+FEATURE = Limit.per_second("feat", RATE, burst=BURST)
+FEATURE_THROTTLE = {"limits": [FEATURE], "key": "feat:{key}"}
+
+
+def _started(key: str) -> str:
+    """Journal the start of the current message; returns its id."""
+    message = CurrentMessage.get_current_message()
+    assert message is not None
+    extra = f"key={key} retries={message.options.get('retries', 0)}"
+    group = message.options.get("group_completion_uuid")
+    record("start", message.message_id, extra + (f" group={group}" if group else ""))
+    return message.message_id
+
+
+@dramatiq.actor(queue_name=QUEUE, store_results=True, max_retries=0, throttle=FEATURE_THROTTLE)
+def step(key: str, n: int) -> int:
+    """Returns n * 2 (a pipeline passes it on as the next step's n)."""
+    _started(key)
+    return n * 2
+
+
+@dramatiq.actor(queue_name=QUEUE, store_results=True, max_retries=0, throttle=FEATURE_THROTTLE)
+def failing(key: str, n: int) -> int:
+    """Always raises ValueError."""
+    _started(key)
+    raise ValueError(f"failing {key}/{n} fails on purpose")
+
+
+@dramatiq.actor(queue_name=QUEUE, store_results=True, max_retries=0, throttle=FEATURE_THROTTLE)
+def timed(key: str, n: int, hold: bool = False) -> int:
+    """Returns n at once, or with ``hold`` runs until its time limit interrupts it: -n."""
+    message_id = _started(key)
+    if not hold:
+        return n
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+    except TimeLimitExceeded:
+        record("interrupted", message_id)
+        return -n
+    return n
+
+
+@dramatiq.actor(queue_name=QUEUE)
+def succeeded(message_data: dict[str, Any], result: Any) -> None:
+    """An on_success callback: records the message it followed and its result."""
+    record("on_success", message_data["message_id"], str(result))
+
+
+@dramatiq.actor(queue_name=QUEUE)
+def failed(message_data: dict[str, Any], exception_data: dict[str, Any]) -> None:
+    """An on_failure callback: records the message it followed and its exception type."""
+    record("on_failure", message_data["message_id"], exception_data["type"])
+
+
+@dramatiq.actor(queue_name=QUEUE)
+def completed(key: str) -> None:
+    """A group's completion callback: records that it ran."""
+    message = CurrentMessage.get_current_message()
+    record("completed", message.message_id if message else "?", f"key={key}")

@@ -93,7 +93,7 @@ def test_ten_thousand_waiting_tasks_leave_worker_memory_flat(
     client = redis.Redis.from_url(redis_url)
 
     def parked() -> int:
-        count: Any = client.zcard(f"{{{ns}}}:park:due")
+        count: Any = client.zcard(f"{{{ns}}}:park:celery.tt_test:due")
         return int(count)
 
     for i in range(500):

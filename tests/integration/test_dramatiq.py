@@ -70,7 +70,7 @@ def test_ten_thousand_waiting_messages_leave_worker_memory_flat(
     ns = workers.env["TT_NS"]
 
     def parked() -> int:
-        count: Any = client.zcard(f"{{{ns}}}:park:due")
+        count: Any = client.zcard(f"{{{ns}}}:park:dramatiq.{ns}-dramatiq:due")
         return int(count)
 
     for i in range(500):

@@ -24,16 +24,17 @@ PY
 # Use the Redis on 127.0.0.1:6379 when one answers; otherwise start one on a free loopback
 # port (installing Debian's redis-server when missing) and stop it when the script exits.
 ensure_redis() {
+    # The fault suite starts redis-servers of its own, whatever answers on 6379.
+    if ! command -v redis-server >/dev/null; then
+        echo "no redis-server: installing Debian's redis-server" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    fi
     if [ -n "${TASKTHROTTLE_REDIS_URL:-}" ]; then
         return
     fi
     if redis_answers 127.0.0.1 6379; then
         export TASKTHROTTLE_REDIS_URL=redis://127.0.0.1:6379/9
         return
-    fi
-    if ! command -v redis-server >/dev/null; then
-        echo "no redis-server: installing Debian's redis-server" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
     fi
     local port
     port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -1,10 +1,13 @@
-"""Fixtures: a manual clock, a real redis-server, and a `store` over every backend."""
+"""Fixtures: a manual clock, real redis-servers (the shared one, and ones of a test's own for
+what is server-wide), and a `store` over every backend."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -12,6 +15,7 @@ import redis
 from taskthrottle import Limiter, MemoryStore, RedisStore
 from taskthrottle._store import Store
 from taskthrottle.testing import ManualClock
+from tests.faults.servers import RedisServer
 
 REDIS_URL = os.environ.get("TASKTHROTTLE_REDIS_URL", "redis://127.0.0.1:6379/9")
 IN_CI = bool(os.environ.get("CI"))
@@ -46,6 +50,25 @@ def namespace(redis_url: str) -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Makes redis-servers (``aof=True``: nothing lost when killed); stops them all.
+    Without a ``redis-server`` on PATH the suite is skipped, and fails in CI."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the fault suite needs redis-server on PATH")
+        pytest.skip("the fault suite needs redis-server on PATH")
+    made: list[RedisServer] = []
+
+    def make(name: str, *, aof: bool = False) -> RedisServer:
+        made.append(RedisServer(tmp_path / f"redis-{name}", aof=aof))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ from taskthrottle._plan import entries
 from taskthrottle._redis import ACQUIRE, BUCKETS, PEEK, SETTLE, Script, redact
 from taskthrottle._store import BUCKET, CONCURRENCY, Entry
 from taskthrottle.testing import DEFAULT_START
+from tests.faults.servers import RedisServer
 
 rpm = Limit.per_minute("rpm", 60)
 tpm = Limit.per_minute("tpm", 90_000, burst=120_000)
@@ -109,8 +110,12 @@ class TestScripts:
         limiter.acquire("k", [rpm, tpm])
         assert len(store._codec.encoded) == 1  # one shape, encoded once
 
-    def test_reloaded_after_script_flush(self, limiter: Limiter, client: redis.Redis) -> None:
-        """SCRIPT FLUSH (or a restart, or a failover) costs one reload, not an error."""
+    def test_reloaded_after_script_flush(self, servers: Callable[..., RedisServer]) -> None:
+        """SCRIPT FLUSH (or a restart, or a failover) costs one reload, not an error. On a
+        redis-server of the test's own: a flush is server-wide."""
+        own = servers("flush")
+        client = own.client()
+        limiter = Limiter(RedisStore.from_url(own.url(), namespace="flush"))
         scripts = [BUCKETS.sha, ACQUIRE.sha, SETTLE.sha, PEEK.sha]
         limiter.acquire("k", [slow])
         client.script_flush()

@@ -4,7 +4,6 @@ and `run`, which puts one scenario's pieces together. Everything a fixture start
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,25 +16,6 @@ from tests.faults.scenario import Run
 from tests.faults.servers import Proxy, RedisServer
 
 FRAMEWORKS = ["celery", "dramatiq"]
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    """Makes redis-servers (``aof=True``: nothing lost when killed); stops them all.
-    Without a ``redis-server`` on PATH the suite is skipped, and fails in CI."""
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("the fault suite needs redis-server on PATH")
-        pytest.skip("the fault suite needs redis-server on PATH")
-    made: list[RedisServer] = []
-
-    def make(name: str, *, aof: bool = False) -> RedisServer:
-        made.append(RedisServer(tmp_path / f"redis-{name}", aof=aof))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.stop()
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def test_the_documented_acl_runs_everything_in_its_namespace_only(
     own = servers("acl")
     admin = own.client()
     rule = documented_acl()
-    admin.execute_command("ACL", "SETUSER", *rule)
+    admin.execute_command("ACL", "SETUSER", *rule)  # type: ignore[no-untyped-call]
     user, password = rule[0], rule[2].removeprefix(">")
     url = own.url().replace("redis://", f"redis://{user}:{password}@")
     conc, rps = Limit.concurrency("conc", 2), Limit.per_second("rps", 5)
@@ -47,5 +47,5 @@ def test_the_documented_acl_runs_everything_in_its_namespace_only(
     parking.done("t1")
     assert parking.expect("t2", "tok") and parking.begin("t2", "tok")
     intruder = Limiter(RedisStore.from_url(url, namespace="other", retries=0))
-    with pytest.raises(StoreUnavailable, match="NOPERM|no permissions"):
+    with pytest.raises(StoreUnavailable, match=r"NOPERM|no permissions"):
         intruder.acquire("k", [rps])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from taskthrottle import _deferrals
@@ -15,6 +17,7 @@ from taskthrottle._deferrals import (
     Unreadable,
 )
 from taskthrottle.testing import ManualClock
+from tests.faults.servers import RedisServer
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -209,3 +212,22 @@ def test_each_app_releases_its_own_parked_tasks(
     clock.advance(1)
     assert other.claim(lead=0, batch=10, hold=30).parked == []
     assert [p.task_id for p in billing.claim(lead=0, batch=10, hold=30).parked] == ["charge"]
+
+
+def test_a_parking_redis_that_can_lose_tasks_is_named_once(
+    servers: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start a worker says, in one WARNING line each, when the parking Redis keeps
+    nothing on disk or may evict, naming the setting to change; nothing when it persists
+    and never evicts. (Redis-servers of the test's own: CONFIG SET is server-wide.)"""
+    volatile, durable = servers("volatile"), servers("durable", aof=True)
+    volatile.client().config_set("maxmemory-policy", "allkeys-lru")
+    with caplog.at_level("WARNING", logger="taskthrottle"):
+        RedisDeferrals(durable.client(), "{ns}").warn_if_volatile()
+        assert caplog.records == []
+        RedisDeferrals(volatile.client(), "{ns}").warn_if_volatile()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "keeps nothing on disk" in lines[0] and "enable appendonly" in lines[0]
+    assert "allkeys-lru" in lines[1] and "noeviction" in lines[1]
+    assert all("park_url" in line for line in lines)

@@ -17,6 +17,7 @@ from redis.crc import key_slot
 from taskthrottle import (
     AsyncRedisStore,
     InvalidInput,
+    Lease,
     Limit,
     Limiter,
     RedisStore,
@@ -605,3 +606,32 @@ def test_a_retried_acquire_charges_once(
     assert runs == 2, "the server should have run the acquire twice"
     assert 50.0 <= warm.available("k", [slow])["rph"] < 50.5  # twice would leave 40
     assert (granted.granted, granted.replayed) == (True, False)
+
+
+@pytest.mark.parametrize("op", ["adjust", "release"])
+def test_a_retried_settle_applies_once(
+    redis_url: str, namespace: str, client: redis.Redis, op: str
+) -> None:
+    """An adjust or a release whose reply is lost is sent again; the server runs it twice
+    and applies it once: the adjust charges once, the release frees the slot once."""
+    conc = Limit.concurrency("conc", 2)
+    warm = Limiter(RedisStore.from_url(redis_url, namespace=namespace))
+    warm.acquire("k", [slow, conc], consume={"rph": 10}, lease_id="L")
+    kwargs = client.connection_pool.connection_kwargs
+    proxy = ReplyDropper((str(kwargs.get("host", "127.0.0.1")), int(kwargs.get("port", 6379))))
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/{kwargs['db']}"
+        store = RedisStore.from_url(url, namespace=namespace, socket_timeout=0.3, retries=2)
+        lease = Lease(store, "L", entries("k", [slow, conc], {"rph": 10}))
+        lease.adjust(rph=5) if op == "adjust" else lease.release()
+        runs = proxy.evalshas
+    finally:
+        proxy.close()
+    assert (proxy.dropped.is_set(), runs) == (True, 2)
+    if op == "adjust":
+        assert 45.0 <= warm.available("k", [slow])["rph"] < 45.5  # twice would leave 40
+    else:
+        held = [warm.acquire("k", [conc]) for _ in range(2)]  # both slots are free again
+        with pytest.raises(Throttled):  # and no third: the count went down once
+            warm.acquire("k", [conc])
+        assert len(held) == 2

@@ -46,6 +46,7 @@ def make_app(env: Mapping[str, str]) -> Celery:
         config.limiter_factory(),
         horizon=120.0,
         on_store_error=config.on_store_error,
+        local_share=config.local_share,
     )
 
     @app.task(name="faults.limited", bind=True, shared=False)

@@ -5,7 +5,8 @@ TT_NS, TT_QUEUE       the store namespace (and broker key prefix), the queue
 TT_RATE, TT_PERIOD, TT_BURST   the token bucket of ``limited``: RATE per PERIOD s, BURST
 TT_CAP                slots of ``guarded``'s concurrency limit
 TT_ACKS_LATE          "1": acks_late and reject_on_worker_lost (Celery)
-TT_ON_STORE_ERROR     "defer" or "allow"
+TT_ON_STORE_ERROR     "defer", "allow" or "local"
+TT_LOCAL_SHARE        under "local", the part of each limit a worker process takes
 TT_LEASE_TTL          seconds a dead holder keeps its slots
 TT_VISIBILITY         the Celery Redis transport's visibility_timeout (seconds)
 TT_HEARTBEAT          ms before Dramatiq's Redis broker takes a silent worker for dead
@@ -65,6 +66,7 @@ class Config:
     cap: float
     acks_late: bool
     on_store_error: str
+    local_share: float | None
     lease_ttl: float
     visibility: float
     heartbeat_ms: int
@@ -84,6 +86,7 @@ class Config:
             cap=float(env.get("TT_CAP", "1")),
             acks_late=env.get("TT_ACKS_LATE") == "1",
             on_store_error=env.get("TT_ON_STORE_ERROR", "defer"),
+            local_share=float(env["TT_LOCAL_SHARE"]) if env.get("TT_LOCAL_SHARE") else None,
             lease_ttl=float(env.get("TT_LEASE_TTL", "30")),
             visibility=float(env.get("TT_VISIBILITY", "3600")),
             heartbeat_ms=int(env.get("TT_HEARTBEAT", "60000")),

@@ -70,7 +70,10 @@ def build(env: Mapping[str, str]) -> App:
     )
     broker.add_middleware(CurrentMessage())
     throttle = ThrottleMiddleware(
-        config.limiter_factory(), horizon=120.0, on_store_error=config.on_store_error
+        config.limiter_factory(),
+        horizon=120.0,
+        on_store_error=config.on_store_error,
+        local_share=config.local_share,
     )
     broker.add_middleware(throttle)
     broker.add_middleware(Journal(), before=ThrottleMiddleware)

@@ -23,12 +23,25 @@ def begin(scenario: Run) -> None:
     scenario.wait_for(lambda: scenario.starts() >= 8, 30, "the burst to start")
 
 
+POLICIES = [
+    pytest.param({}, id="defer"),
+    pytest.param({"TT_ON_STORE_ERROR": "allow"}, id="allow"),
+    pytest.param({"TT_ON_STORE_ERROR": "local", "TT_LOCAL_SHARE": "0.5"}, id="local"),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_store_killed_and_restarted_empty(
-    framework: str, run: Callable[..., Run], store_redis: RedisServer, broker_redis: RedisServer
+    framework: str,
+    policy: dict[str, str],
+    run: Callable[..., Run],
+    store_redis: RedisServer,
+    broker_redis: RedisServer,
 ) -> None:
-    """SIGKILL the store while most tasks wait for their turn; 3 s later it is back, empty."""
-    scenario = run(framework, broker_redis, store_redis)
+    """SIGKILL the store while most tasks wait for their turn; 3 s later it is back, empty.
+    Under each on_store_error policy."""
+    scenario = run(framework, broker_redis, store_redis, **policy)
     begin(scenario)
     store_redis.kill()
     scenario.outage(3.0, STORE_TROUBLE)

@@ -199,11 +199,13 @@ def retry_wait(exc: Throttled, ask: Request, settings: Settings) -> float:
 class Defer(NamedTuple):
     """A delivery that must wait: hand the task back in ``wait`` seconds, carrying ``meta``
     (the attempt, deferrals so far, and the reservation it holds, if any). ``offline``: the
-    store failed, so the task goes back through the broker alone."""
+    store failed, so the task goes back through the broker alone. ``why``: what it waits
+    for, for the log (keys and limits, never the task's arguments)."""
 
     meta: dict[str, Any]
     wait: float
     offline: bool = False
+    why: str = "its booked turn"
 
 
 def book_turn(
@@ -240,15 +242,21 @@ def book_turn(
             ask.target, consume=ask.consume, max_wait=settings.horizon, lease_id=lease_id
         )
     except StoreUnavailable as exc:
-        return Defer(again, exc.retry_after, offline=True)
+        return Defer(again, exc.retry_after, offline=True, why="the store, unavailable")
     except Throttled as exc:
-        return Defer(again, retry_wait(exc, ask, settings))
+        why = ", ".join(f"{v.key}/{v.limit}" for v in exc.violations)
+        return Defer(again, retry_wait(exc, ask, settings), why=why or "its limits")
     if once and reservation.replayed:
         return None
     if reservation.delay <= 0:
         return reservation.redeem()
     due = time.time() + reservation.delay
-    return Defer({**again, "lease": lease_id, "due": due}, reservation.delay)
+    keys = ", ".join(
+        f"{key}/{limit.name}" for key, limits in ask.target.items() for limit in limits
+    )
+    return Defer(
+        {**again, "lease": lease_id, "due": due}, reservation.delay, why=f"its turn on {keys}"
+    )
 
 
 def _redeem(limiter: Limiter, booked: object, ask: Request) -> Lease | None:

@@ -55,6 +55,29 @@ OPTION = "taskthrottle"
 DRAMATIQ_DEFAULTS: dict[str, Any] = {"park_after": 0.0, "park_lead": 0.0, "park_poll": 0.05}
 
 
+class _QuietSkips(logging.Filter):
+    """Drops Dramatiq's own "Message ... was skipped." WARNING for the skips the middleware
+    makes, which log one INFO line of their own without the message's arguments; other
+    middleware's skips keep their warning. Per thread, as Dramatiq logs it in the thread
+    that skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def skip(self, message_id: str | None) -> None:
+        """The message this thread is about to skip (None: done with it)."""
+        self._local.message_id = message_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the skip warning of the message this thread skipped."""
+        skipping = getattr(self._local, "message_id", None)
+        if skipping is None or record.msg != "Message %s was skipped.":
+            return True
+        found = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return bool(getattr(found, "message_id", None) != skipping)
+
+
 class BadThrottle(MiddlewareError, InvalidInput):
     """Raised when an actor is declared with a throttle that ``throttled()`` refuses."""
 
@@ -79,6 +102,8 @@ class ThrottleMiddleware(Middleware):
         # The lease of the message this thread processes, with its context token: a stale
         # copy skipped in another thread must not settle it.
         self._held = threading.local()
+        self._skipping = _QuietSkips()
+        logging.getLogger("dramatiq.worker.WorkerThread").addFilter(self._skipping)
         self._specs: dict[str, tuple[Throttle, ...]] = {}
         self._stopping = threading.Event()
         self._releaser: threading.Thread | None = None
@@ -128,6 +153,7 @@ class ThrottleMiddleware(Middleware):
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
         """A message skipped after its lease was granted (by a later middleware) settles too."""
+        self._skipping.skip(None)
         self._settle(message, failed=True)
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
@@ -149,6 +175,7 @@ class ThrottleMiddleware(Middleware):
         token = meta.get("token")
         if token and not self._begin(message.message_id, token, meta.get("prior")):
             log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)
+            self._skipping.skip(message.message_id)
             raise SkipMessage("taskthrottle: stale copy")
         attempt = int(message.options.get("retries") or 0)
         while True:
@@ -205,6 +232,16 @@ class ThrottleMiddleware(Middleware):
         # With the Results middleware a skipped message would store None under the same
         # message id, and a caller waiting for the result would get it before the copy ran.
         message.options["store_results"] = False
+        how = "parked" if parks else "sent back"
+        log.info(
+            "taskthrottle: %s[%s] %s for %.2f s: waits for %s",
+            message.actor_name,
+            message.message_id,
+            how,
+            turn.wait,
+            turn.why,
+        )
+        self._skipping.skip(message.message_id)
         raise SkipMessage("taskthrottle: deferred to its turn")
 
     def _park(self, copy: Any, wait: float) -> bool:

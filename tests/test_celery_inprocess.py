@@ -318,3 +318,37 @@ def test_a_task_id_delivered_again_runs_once() -> None:
     assert sorted(ended) == ["IGNORED", "IGNORED", "SUCCESS"]
     left = limiter.available("reused", [Limit.per_hour("rph", 10)])["rph"]
     assert 9 <= left < 9.5  # charged once (and refilled a little since)
+
+
+def test_a_deferral_logs_one_info_line_without_arguments() -> None:
+    """Each deferral says, at INFO on taskthrottle.celery, which task waits, how long and
+    for which key and limit, never the task's arguments. (A handler of its own: a Celery
+    worker takes the root logger's over.)"""
+    import logging
+
+    app = make_app(task_default_queue="logs")
+    taskthrottle.celery.install(app, memory_limiter())
+    done: list[str] = []
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
+    logger = logging.getLogger("taskthrottle.celery")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    @app.task(shared=False)
+    @throttled(Limit.per_second("rps", 4, burst=1), key="logs")
+    def summarize(prompt: str) -> None:
+        done.append(prompt)
+
+    try:
+        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+            summarize.delay("secret prompt one")
+            summarize.delay("secret prompt two")
+            wait_for(lambda: len(done) >= 2, 20, "both tasks")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert len(records) == 1 and records[0].levelname == "INFO", records
+    assert ".summarize[" in records[0].getMessage() and "logs/rps" in records[0].getMessage()
+    assert "secret prompt" not in records[0].getMessage()

@@ -384,3 +384,32 @@ def test_parked_messages_are_json_whatever_the_encoder(broker: StubBroker) -> No
     assert Planted.ran == []
     assert set(deferrals.set_aside) == {"planted"}  # type: ignore[attr-defined]
     assert broker.queues[job.queue_name].qsize() == 1
+
+
+def test_a_deferral_logs_one_info_line_without_arguments(
+    broker: StubBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each deferral says, at INFO on taskthrottle.dramatiq, which actor and message waits,
+    how long and for which key and limit, never the message's arguments; Dramatiq's own
+    "was skipped" WARNING, which prints them all, is not logged for it."""
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
+    ran: list[str] = []
+
+    @dramatiq.actor(throttle={"rps": 1, "key": "logs"})
+    def summarize(prompt: str) -> None:
+        ran.append(prompt)
+
+    worker = start(broker)
+    try:
+        with caplog.at_level("INFO"):
+            summarize.send("secret prompt one")
+            summarize.send("secret prompt two")
+            wait_for(lambda: len(ran) >= 2, 10, "both messages")
+    finally:
+        worker.stop()
+    deferrals = [r for r in caplog.records if r.name == "taskthrottle.dramatiq"]
+    assert len(deferrals) == 1 and deferrals[0].levelname == "INFO"
+    line = deferrals[0].getMessage()
+    assert line.startswith("taskthrottle: summarize[") and "logs/rps" in line
+    assert not any("secret prompt" in r.getMessage() for r in caplog.records)
+    assert not any("was skipped" in r.getMessage() for r in caplog.records)

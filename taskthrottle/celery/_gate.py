@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task, states
 from celery.exceptions import Ignore, Reject
@@ -143,8 +143,7 @@ def _defer(task: Task, state: State, turn: Defer) -> None:
         and turn.wait > state.settings.park_after
         and _park(task, state, headers, turn.wait)
     ):
-        _hide_started(task)
-        raise Ignore()
+        _handed_back(task, turn, "parked")
     try:
         copy = task.signature_from_request(
             request, countdown=max(turn.wait, 0.001), headers=headers
@@ -159,6 +158,19 @@ def _defer(task: Task, state: State, turn: Defer) -> None:
         # requeued original would have been dropped as stale, and the task lost.
         with contextlib.suppress(StoreError):
             state.deferrals().expect(request.id, meta["token"], prior=prior)
+    _handed_back(task, turn, "sent back")
+
+
+def _handed_back(task: Task, turn: Defer, how: str) -> NoReturn:
+    """Log the deferral in one INFO line (never the arguments), and skip this delivery."""
+    log.info(
+        "taskthrottle: %s[%s] %s for %.2f s: waits for %s",
+        task.name,
+        task.request.id,
+        how,
+        turn.wait,
+        turn.why,
+    )
     _hide_started(task)
     raise Ignore()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -13,7 +13,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 import taskthrottle.celery
-from taskthrottle import InvalidInput, Limit, current_lease, throttled
+from taskthrottle import InvalidInput, Limit, Limiter, current_lease, throttled
 from taskthrottle.celery import Settings, delay_for, limiter_for
 from taskthrottle.testing import memory_limiter
 from tests.helpers import wait_for
@@ -180,19 +180,21 @@ def test_the_store_error_policy_passes_to_the_limiter() -> None:
         taskthrottle.celery.install(make_app(), memory_limiter(), on_store_error="local")
 
 
-def test_a_forged_reservation_header_is_charged() -> None:
-    """A task published with a made-up reservation in its taskthrottle header is charged
-    like a first delivery: of three on a limit of one an hour, one runs, two are deferred."""
+def three_deliveries(
+    limit: Limit, send: Callable[[Any, int], None]
+) -> tuple[list[int], list[str], Limiter]:
+    """Three sends (``send(task, n)``) of a task throttled by ``limit`` through a worker:
+    which bodies ran, how each delivery ended, and the limiter."""
     from celery import signals
 
-    app = make_app(task_default_queue="forged")
+    app = make_app(task_default_queue=f"three-{limit.name}")
     limiter = memory_limiter()
     taskthrottle.celery.install(app, limiter)
     ran: list[int] = []
     ended: list[str] = []
 
     @app.task(shared=False)
-    @throttled(Limit.per_hour("rph", 1), key="forged")
+    @throttled(limit, key="three")
     def job(n: int) -> None:
         ran.append(n)
 
@@ -203,14 +205,26 @@ def test_a_forged_reservation_header_is_charged() -> None:
     try:
         with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
             for n in range(3):
-                forged = {"lease": f"forged-{n}", "due": time.time(), "token": f"t{n}"}
-                job.apply_async((n,), headers={"taskthrottle": forged})
+                send(job, n)
             wait_for(lambda: len(ended) >= 3, 20, "three deliveries to end")
     finally:
         signals.task_postrun.disconnect(postrun, sender=job)
+    return ran, sorted(ended), limiter
+
+
+def test_a_forged_reservation_header_is_charged() -> None:
+    """A task published with a made-up reservation in its taskthrottle header is charged
+    like a first delivery: of three on a limit of one an hour, one runs, two are deferred."""
+
+    def forge(task: Any, n: int) -> None:
+        forged = {"lease": f"forged-{n}", "due": time.time(), "token": f"t{n}"}
+        task.apply_async((n,), headers={"taskthrottle": forged})
+
+    rph = Limit.per_hour("rph", 1)
+    ran, ended, limiter = three_deliveries(rph, forge)
     assert len(ran) == 1
-    assert sorted(ended) == ["IGNORED", "IGNORED", "SUCCESS"]
-    assert limiter.available("forged", [Limit.per_hour("rph", 1)])["rph"] < 0.01
+    assert ended == ["IGNORED", "IGNORED", "SUCCESS"]
+    assert limiter.available("three", [rph])["rph"] < 0.01
 
 
 class Planted:
@@ -290,33 +304,13 @@ def test_a_task_id_delivered_again_runs_once() -> None:
     """Three messages with one task id (a producer reusing an id, or a lost acknowledgement
     redelivering a task that ran): the task runs once; the others are dropped, not replayed
     for free."""
-    from celery import signals
-
-    app = make_app(task_default_queue="reused")
-    limiter = memory_limiter()
-    taskthrottle.celery.install(app, limiter)
-    ran: list[int] = []
-    ended: list[str] = []
-
-    @app.task(shared=False)
-    @throttled(Limit.per_hour("rph", 10), key="reused")
-    def job(n: int) -> None:
-        ran.append(n)
-
-    def postrun(state: str, **_: Any) -> None:
-        ended.append(state)
-
-    signals.task_postrun.connect(postrun, sender=job, weak=False)
-    try:
-        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
-            for n in range(3):
-                job.apply_async((n,), task_id="same-id")
-            wait_for(lambda: len(ended) >= 3, 20, "three deliveries to end")
-    finally:
-        signals.task_postrun.disconnect(postrun, sender=job)
+    rph = Limit.per_hour("rph10", 10)
+    ran, ended, limiter = three_deliveries(
+        rph, lambda task, n: task.apply_async((n,), task_id="same")
+    )
     assert ran == [0]
-    assert sorted(ended) == ["IGNORED", "IGNORED", "SUCCESS"]
-    left = limiter.available("reused", [Limit.per_hour("rph", 10)])["rph"]
+    assert ended == ["IGNORED", "IGNORED", "SUCCESS"]
+    left = limiter.available("three", [rph])["rph10"]
     assert 9 <= left < 9.5  # charged once (and refilled a little since)
 
 

@@ -227,12 +227,12 @@ def book_turn(
     limiter, settings = state.limiter(), state.settings
     if meta.get("attempt", 0) != attempt:  # a retry carries the headers of the attempt before
         meta = {}
-    generation = int(meta.get("gen", 0))
+    generation = int(_number(meta, "gen"))
     booked = meta.get("lease")
     if booked:  # a copy handed back for its booked turn
         lease = _redeem(limiter, booked, ask)
         if lease is not None:
-            if time.time() - float(meta.get("due", 0)) <= settings.late_after:
+            if time.time() - _number(meta, "due") <= settings.late_after:
                 return lease
             give_back(lease)  # far past its turn: it would start with every other late copy
     again = {"gen": generation + 1, "attempt": attempt}
@@ -257,6 +257,15 @@ def book_turn(
     return Defer(
         {**again, "lease": lease_id, "due": due}, reservation.delay, why=f"its turn on {keys}"
     )
+
+
+def _number(meta: Mapping[str, Any], name: str) -> float:
+    """A number of a delivery's header, 0 when it is missing or not a finite number: the
+    header comes from whoever published the task."""
+    value = meta.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0
+    return value
 
 
 def _redeem(limiter: Limiter, booked: object, ask: Request) -> Lease | None:

@@ -171,7 +171,8 @@ class ThrottleMiddleware(Middleware):
 
     def _admit(self, broker: Any, message: Any, ask: Request) -> Lease | None:
         self._bind(broker)
-        meta = dict(message.options.get(OPTION) or {})
+        found = message.options.get(OPTION)
+        meta = dict(found) if isinstance(found, dict) else {}
         token = meta.get("token")
         if token and not self._begin(message.message_id, token, meta.get("prior")):
             log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)

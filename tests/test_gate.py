@@ -59,3 +59,13 @@ def test_a_delivery_granted_before_is_dropped_when_it_must_run_once() -> None:
     assert book_turn(gate, ask, "t", {}, 0, once=True) is None
     again = book_turn(gate, ask, "t", {}, 0)  # a redelivery under acks_late runs again
     assert again is not None and not isinstance(again, Defer)
+
+
+def test_a_garbled_header_is_a_first_delivery() -> None:
+    """Header values of the wrong type (a producer's doing) are read as absent, not raised
+    in the worker."""
+    gate = state()
+    meta = {"lease": 7, "due": "soon", "gen": "x", "attempt": 0}
+    lease = book_turn(gate, ask, "t", meta, 0)
+    assert not isinstance(lease, Defer) and lease is not None
+    assert lease.id == "t:0:0"

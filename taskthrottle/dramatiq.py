@@ -179,11 +179,14 @@ class ThrottleMiddleware(Middleware):
             self._skipping.skip(message.message_id)
             raise SkipMessage("taskthrottle: stale copy")
         attempt = int(message.options.get("retries") or 0)
+        delivery, once = _delivery(message)
         while True:
-            # Dramatiq acknowledges a message after it ran: a redelivery is the broker
-            # handing back a message whose worker died, which runs again.
-            turn = book_turn(self.state, ask, message.message_id, meta, attempt)
-            if not isinstance(turn, Defer):  # (never None: once is not asked for)
+            turn = book_turn(self.state, ask, delivery, meta, attempt, once=once)
+            if turn is None:
+                log.info("taskthrottle: dropping a second delivery of message %s", delivery)
+                self._skipping.skip(message.message_id)
+                raise SkipMessage("taskthrottle: delivered again")
+            if not isinstance(turn, Defer):
                 return turn
             self._defer(broker, message, turn)
             # The broker refused the copy: Retries would need the same broker, and a skip
@@ -330,6 +333,22 @@ def decode_parked(payload: bytes) -> Any:
         if not isinstance(data[name], kind):
             raise Unreadable(f"{name} is not a {kind.__name__}")
     return dramatiq.Message(**data)
+
+
+def _delivery(message: Any) -> tuple[str, bool]:
+    """What a message's lease ids are made of, and whether a second grant of them means a
+    duplicate to drop (``once``).
+
+    Dramatiq acknowledges a message after its actor ran, so a redelivery (its worker died)
+    runs again, replaying its grant. The Redis broker gives each enqueue an id of its own,
+    kept when it requeues a dead worker's messages: with it in the lease id, a second message
+    sent under the same message id (a producer reusing one) pays for itself. RabbitMQ marks
+    redeliveries, so an unmarked delivery of a granted id is a duplicate and is dropped; so
+    is any on a broker that says neither."""
+    enqueued = message.options.get("redis_message_id")
+    if isinstance(enqueued, str):
+        return f"{message.message_id}.{enqueued}", False
+    return message.message_id, not getattr(message, "redelivered", False)
 
 
 def _parking_client(broker: Any, settings: Settings) -> Any:

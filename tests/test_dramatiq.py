@@ -413,3 +413,43 @@ def test_a_deferral_logs_one_info_line_without_arguments(
     assert line.startswith("taskthrottle: summarize[") and "logs/rps" in line
     assert not any("secret prompt" in r.getMessage() for r in caplog.records)
     assert not any("was skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_message_id_sent_again_is_not_run_for_free(broker: StubBroker) -> None:
+    """Three messages under one message id (a producer reusing an id): one runs, charged
+    once; the others are dropped, not given the first one's grant for free."""
+    limiter = Limiter(MemoryStore())
+    deliveries = Deliveries()
+    broker.add_middleware(deliveries)
+    broker.add_middleware(ThrottleMiddleware(limiter))
+    ran: list[int] = []
+
+    @dramatiq.actor(throttle={"rph": 10, "key": "reused"})
+    def job(n: int) -> None:
+        ran.append(n)
+
+    worker = start(broker)
+    try:
+        for n in range(3):
+            broker.enqueue(job.message(n).copy(message_id="same"))
+        wait_for(lambda: deliveries.counts.get("same", 0) >= 3, 10, "three deliveries")
+        broker.join(job.queue_name)
+        worker.join()
+    finally:
+        worker.stop()
+    assert ran == [0]
+    assert 9 <= limiter.available("reused", [Limit.per_hour("rph", 10)])["rph"] < 9.5
+
+
+def test_the_redis_broker_charges_a_reused_message_id_apart() -> None:
+    """On the Redis broker each enqueue has an id of its own, kept on redelivery: a second
+    message under a reused message id has a lease of its own (and pays), while a redelivery
+    of the same enqueue replays its grant."""
+    from taskthrottle.dramatiq import _delivery
+
+    def message(**options: str) -> Any:
+        return dramatiq.Message("q", "a", (), {}, options, "m", 0)
+
+    assert _delivery(message(redis_message_id="r1")) == ("m.r1", False)
+    assert _delivery(message(redis_message_id="r2")) == ("m.r2", False)
+    assert _delivery(message()) == ("m", True)  # a broker that says nothing: once

@@ -340,12 +340,6 @@ class Releaser:
             self.failing.discard(what)
 
 
-def release_due(deferrals: Deferrals, lead: float, publish: Callable[[Parked, str], None]) -> int:
-    """Publish (with ``publish(item, token)``) every parked task due within ``lead``
-    seconds; returns how many were published. See `Releaser`."""
-    return Releaser(deferrals, lead).release(publish)
-
-
 def deferrals_for(
     store: Any, client: Any = None, namespace: str = "taskthrottle", app: str = "default"
 ) -> Deferrals:

@@ -96,6 +96,12 @@ class Deferrals(Protocol):
         or the original) run?"""
         ...
 
+    def own(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
+        """Let the delivery holding ``token`` (published by ``prior``) run its body where it
+        is, after a hand-back that failed: whatever that hand-back may have parked or
+        published all the same is stale now. False if such a copy started already."""
+        ...
+
 
 class RedisDeferrals:
     """Deferrals in Redis under the hash tag ``tag``: in the broker's Redis by default,
@@ -159,6 +165,10 @@ class RedisDeferrals:
     def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
         """See `Deferrals.begin`."""
         return bool(self._call("begin", task_id, task_id, token or "", RUN_KEY_TTL, prior or ""))
+
+    def own(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
+        """See `Deferrals.own`."""
+        return bool(self._call("own", task_id, task_id, token or "", RUN_KEY_TTL, prior or ""))
 
     def warn_if_volatile(self) -> None:
         """Log one warning when this Redis can lose parked tasks: nothing kept on disk, or
@@ -256,8 +266,8 @@ class MemoryDeferrals:
     def expect(self, task_id: str, token: str, prior: str | None = None) -> bool:
         """See `Deferrals.expect`."""
         with self._lock:
-            current = self._run.get(task_id, "")
-            if current.startswith("ran:") and current != f"ran:{prior}":
+            current = self._run.get(task_id)
+            if _started(current) and not _made_by(current, prior):
                 return False
             self._run[task_id] = token
             return True
@@ -266,14 +276,37 @@ class MemoryDeferrals:
         """See `Deferrals.begin`."""
         with self._lock:
             current = self._run.get(task_id)
-            if token is None:
-                return current is None
-            if current == f"ran:{token}":
+            if not token:
+                return current in (None, "body:")
+            if current in (f"ran:{token}", f"body:{token}"):
                 return True
             if current in (None, token) or (prior and current in (prior, f"ran:{prior}")):
                 self._run[task_id] = f"ran:{token}"
                 return True
             return False
+
+    def own(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
+        """See `Deferrals.own`."""
+        mark = f"body:{token or ''}"
+        with self._lock:
+            current = self._run.get(task_id)
+            mine = current in (f"ran:{token or ''}", mark)
+            if _started(current) and not mine and not _made_by(current, prior):
+                return False
+            self._items.pop(task_id, None)
+            self._claimed.pop(task_id, None)
+            self._run[task_id] = mark
+            return True
+
+
+def _started(current: str | None) -> bool:
+    """Whether a run key names a copy that started (see deferrals.lua)."""
+    return current is not None and current.startswith(("ran:", "body:"))
+
+
+def _made_by(current: str | None, prior: str | None) -> bool:
+    """Whether a run key is the mark of ``prior``, the delivery that made this copy."""
+    return bool(prior) and current in (prior, f"ran:{prior}", f"body:{prior}")
 
 
 def check_parkable(task_id: str, payload: bytes) -> None:

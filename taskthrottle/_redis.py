@@ -35,6 +35,7 @@ require("tenacity", "redis")
 import redis  # noqa: E402  (after the checks that name the missing extra)
 import redis.asyncio  # noqa: E402
 import tenacity  # noqa: E402
+from redis.asyncio.retry import Retry as AsyncRetry  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
@@ -196,9 +197,12 @@ def _retried(found: Outcome) -> Outcome:
     return found._replace(replayed=False) if found.replayed else found
 
 
-def client_options(socket_timeout: float, connect_timeout: float) -> dict[str, Any]:
+def client_options(
+    socket_timeout: float, connect_timeout: float, *, asynchronous: bool = False
+) -> dict[str, Any]:
     """Connection options: short timeouts, and no retries of redis-py's own: the store
-    retries (see `Retries`), counting every attempt."""
+    retries (see `Retries`), counting every attempt. ``asynchronous``: for an asyncio
+    client, which wants redis-py's asyncio Retry (8.2 warns of the other)."""
     for name, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise InvalidInput(
@@ -207,7 +211,7 @@ def client_options(socket_timeout: float, connect_timeout: float) -> dict[str, A
     return {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": (AsyncRetry if asynchronous else Retry)(NoBackoff(), 0),
         "health_check_interval": 30,
     }
 
@@ -530,7 +534,8 @@ class AsyncRedisStore:
         **options: Any,
     ) -> AsyncRedisStore:
         """See `RedisStore.from_url`."""
-        defaults = client_options(socket_timeout, connect_timeout) | tls_options(url, options)
+        defaults = client_options(socket_timeout, connect_timeout, asynchronous=True)
+        defaults |= tls_options(url, options)
         client = connect(redis.asyncio.Redis.from_url, url, defaults | options)
         store = cls(client, namespace=namespace, clock=clock, retries=retries)
         store._address = redact(url)

@@ -23,6 +23,8 @@ log = logging.getLogger("taskthrottle")
 #: The furthest ahead (seconds) a task may book its turn: a turn further away is refused and
 #: tried again later, so that no task holds a reservation, nor a run key, for days.
 MAX_HORIZON = 3_600.0
+#: Seconds between tries to take a held task over while its deferrals do not answer.
+TAKE_OVER_RETRY = 1.0
 
 _CHOICES = {
     "on_failure": ("keep", "refund"),
@@ -257,6 +259,27 @@ def book_turn(
     return Defer(
         {**again, "lease": lease_id, "due": due}, reservation.delay, why=f"its turn on {keys}"
     )
+
+
+def take_over(state: State, task_id: str, token: str | None, prior: str | None) -> str | None:
+    """Before a delivery whose hand-back failed runs where it is: a park or a publish that
+    failed on the way back (its reply lost) may have been done all the same, and that copy
+    must not run too. Makes it stale, waiting while the deferrals do not answer (the task
+    is held here meanwhile). Returns the mark that copies this delivery hands back later
+    carry as their maker, or None if the stray copy started first (drop this delivery)."""
+    warned = False
+    while True:
+        try:
+            owned = state.deferrals().own(task_id, token, prior)
+        except StoreError as exc:
+            if not warned:
+                log.warning(
+                    "taskthrottle: holding %s until its deferrals answer (%s)", task_id, exc
+                )
+                warned = True
+            time.sleep(TAKE_OVER_RETRY)
+            continue
+        return f"body:{token or ''}" if owned else None
 
 
 def _number(meta: Mapping[str, Any], name: str) -> float:

@@ -27,7 +27,7 @@ from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser, Unreadable
 from taskthrottle._exceptions import InvalidInput, StoreError, require
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
-from taskthrottle._settings import Defer, Settings, State, book_turn, settle
+from taskthrottle._settings import Defer, Settings, State, book_turn, settle, take_over
 from taskthrottle._throttle import (
     Request,
     Throttle,
@@ -172,7 +172,7 @@ class ThrottleMiddleware(Middleware):
     def _admit(self, broker: Any, message: Any, ask: Request) -> Lease | None:
         self._bind(broker)
         found = message.options.get(OPTION)
-        meta = dict(found) if isinstance(found, dict) else {}
+        meta = turn_meta = dict(found) if isinstance(found, dict) else {}
         token = meta.get("token")
         if token and not self._begin(message.message_id, token, meta.get("prior")):
             log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)
@@ -180,15 +180,24 @@ class ThrottleMiddleware(Middleware):
             raise SkipMessage("taskthrottle: stale copy")
         attempt = int(message.options.get("retries") or 0)
         delivery, once = _delivery(message)
+        maker = token  # what the copies this delivery hands back name as their maker
+        doubtful = False  # a hand-back failed: its copy may have got out all the same
         while True:
-            turn = book_turn(self.state, ask, delivery, meta, attempt, once=once)
+            if doubtful:
+                maker = take_over(self.state, message.message_id, token, meta.get("prior"))
+                if maker is None:
+                    log.info("taskthrottle: dropping message %s: a copy of it ran", delivery)
+                    self._skipping.skip(message.message_id)
+                    raise SkipMessage("taskthrottle: a copy ran")
+                doubtful = False
+            turn = book_turn(self.state, ask, delivery, turn_meta, attempt, once=once)
             if turn is None:
                 log.info("taskthrottle: dropping a second delivery of message %s", delivery)
                 self._skipping.skip(message.message_id)
                 raise SkipMessage("taskthrottle: delivered again")
             if not isinstance(turn, Defer):
                 return turn
-            self._defer(broker, message, turn)
+            self._defer(broker, message, turn, maker)
             # The broker refused the copy: Retries would need the same broker, and a skip
             # would lose the message. It waits here, in this thread, for its turn.
             log.warning(
@@ -197,7 +206,7 @@ class ThrottleMiddleware(Middleware):
                 turn.wait,
             )
             time.sleep(turn.wait)
-            meta = turn.meta
+            turn_meta, doubtful = turn.meta, True
 
     def _bind(self, broker: Any) -> None:
         """Park in the broker's Redis, when the broker is Redis (and no park_url is set)."""
@@ -211,15 +220,14 @@ class ThrottleMiddleware(Middleware):
         except StoreError:
             return True  # cannot tell: at-least-once beats losing the message
 
-    def _defer(self, broker: Any, message: Any, turn: Defer) -> None:
+    def _defer(self, broker: Any, message: Any, turn: Defer, prior: str | None) -> None:
         """Enqueue a copy for ``turn.wait`` seconds from now (or park it), then skip this one
         (raises SkipMessage); returns only when the broker refused the copy.
 
         The copy keeps the message's timestamp, so that ``max_age`` counts from when it was
         first sent, as without throttling. A copy made while the store fails goes through
-        the broker alone, carrying the token of the delivery that made it.
+        the broker alone, naming the delivery that made it (``prior``).
         """
-        prior = (message.options.get(OPTION) or {}).get("token")
         meta = {**turn.meta, "token": uuid.uuid4().hex, "prior": prior}
         if turn.offline:
             meta["due"] = time.time() + turn.wait

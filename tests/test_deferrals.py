@@ -111,6 +111,45 @@ def test_a_copy_published_while_the_store_failed_may_run(deferrals: Deferrals) -
     assert deferrals.begin("t", "two", prior="one")  # the same copy redelivered
 
 
+def test_a_delivery_run_where_it_is_makes_what_its_failed_park_left_stale(
+    deferrals: Deferrals, clock: ManualClock
+) -> None:
+    """A park that failed on the way back (the reply was lost) may have parked the task all
+    the same: once the held delivery owns the task, the parked copy is neither published
+    nor run, and the original may still run again after a crash."""
+    deferrals.park("t", 1, b"x")  # done, though the caller saw an error
+    assert deferrals.own("t", None)
+    clock.advance(2)
+    assert deferrals.claim(lead=0, batch=10, hold=30).parked == []
+    assert not deferrals.expect("t", "released")  # a releaser that had claimed it already
+    assert deferrals.begin("t", None)  # the held original, redelivered after a crash
+
+
+def test_a_delivery_run_where_it_is_makes_what_its_failed_publish_left_stale(
+    deferrals: Deferrals,
+) -> None:
+    """A publish that failed on the way back may have published the copy all the same;
+    that copy never runs once the delivery that made it owns the task. What the delivery
+    hands back later names it as their maker, and runs once."""
+    assert deferrals.expect("t", "p")
+    assert deferrals.begin("t", "p")
+    assert deferrals.own("t", "p")
+    assert not deferrals.begin("t", "escaped", prior="p")
+    assert deferrals.begin("t", "p")  # the held copy, redelivered after a crash
+    assert deferrals.begin("t", "later", prior="body:p")  # handed back; expect failed
+    assert not deferrals.begin("t", "again", prior="body:p")
+
+
+def test_a_copy_that_started_first_wins_over_the_held_delivery(deferrals: Deferrals) -> None:
+    """If the copy a failed park left behind was published and started before the held
+    delivery could own the task, the held delivery must not run."""
+    deferrals.park("t", 0, b"x")
+    assert deferrals.expect("t", "released")
+    assert deferrals.begin("t", "released")
+    assert not deferrals.own("t", None)
+    assert deferrals.own("t", "released")  # that copy may itself be held later
+
+
 def test_a_claim_counts_what_is_parked(deferrals: Deferrals, clock: ManualClock) -> None:
     """A claim says how many tasks remain parked or claimed, and that nothing vanished."""
     deferrals.park("a", 1, b"x")

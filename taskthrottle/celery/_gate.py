@@ -23,7 +23,7 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 from taskthrottle._deferrals import Unreadable
 from taskthrottle._exceptions import InvalidInput, StoreError, Throttled
 from taskthrottle._lease import Lease
-from taskthrottle._settings import Defer, State, book_turn, settle
+from taskthrottle._settings import Defer, State, book_turn, settle, take_over
 from taskthrottle._throttle import Request, lease_scope, plan, throttles_of
 
 log = logging.getLogger("taskthrottle.celery")
@@ -90,16 +90,24 @@ def _admit(task: Task, state: State, ask: Request) -> Lease:
     # redelivery is the broker handing back a task whose worker died: it runs again.
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
     once = not (task.acks_late and redelivered)
+    turn_meta, maker = meta, meta.get("token")  # maker: what this delivery's copies name
+    doubtful = False  # a hand-back failed: its copy may have got out all the same
     while True:
-        turn = book_turn(state, ask, request.id, meta, request.retries or 0, once=once)
+        if doubtful:
+            maker = take_over(state, request.id, meta.get("token"), meta.get("prior"))
+            if maker is None:
+                log.info("taskthrottle: dropping %s[%s]: a copy of it ran", task.name, request.id)
+                raise Ignore()
+            doubtful = False
+        turn = book_turn(state, ask, request.id, turn_meta, request.retries or 0, once=once)
         if turn is None:
             log.info("taskthrottle: dropping a second delivery of %s[%s]", task.name, request.id)
             raise Ignore()
         if not isinstance(turn, Defer):
             return turn
-        _defer(task, state, turn)
-        # Neither the broker nor the store took the task back, and it is acknowledged
-        # already: it waits here, in this worker, for its turn.
+        _defer(task, state, turn, maker)
+        # Neither the broker nor the store took the task back: it waits here, in this
+        # worker, for its turn.
         log.warning(
             "taskthrottle: could not hand %s[%s] back; holding it %.1f s in this worker",
             task.name,
@@ -107,7 +115,7 @@ def _admit(task: Task, state: State, ask: Request) -> Lease:
             turn.wait,
         )
         time.sleep(turn.wait)
-        meta = turn.meta
+        turn_meta, doubtful = turn.meta, True
 
 
 def _current_copy(task: Task, state: State, meta: dict[str, Any]) -> bool:
@@ -122,18 +130,18 @@ def _current_copy(task: Task, state: State, meta: dict[str, Any]) -> bool:
         return True  # cannot tell: at-least-once beats losing the task
 
 
-def _defer(task: Task, state: State, turn: Defer) -> None:
+def _defer(task: Task, state: State, turn: Defer, prior: str | None) -> None:
     """Hand the task back for ``turn.wait`` seconds from now, then skip this delivery
     (raises Ignore); returns only when the task could not be handed back.
 
     A far turn is parked (in the broker's Redis, or beside the store), a near one goes to
     the broker with a countdown, and so does a far one when parking fails. A copy made
-    while the store fails goes through the broker alone, carrying the token of the
-    delivery that made it, by which the store recognises it later. Under ``acks_late``
-    a task that cannot be published at all is requeued by the broker.
+    while the store fails goes through the broker alone, naming the delivery that made it
+    (``prior``), by which the store recognises it later. Under ``acks_late`` a task that
+    cannot be published at all is requeued by the broker, once whatever the failed publish
+    may have sent all the same is made stale.
     """
     request = task.request
-    prior = meta_of(request).get("token")
     meta = {**turn.meta, "token": uuid.uuid4().hex, "prior": prior}
     if turn.offline:
         meta["due"] = time.time() + turn.wait
@@ -150,7 +158,7 @@ def _defer(task: Task, state: State, turn: Defer) -> None:
         )
         copy.apply_async()
     except Exception as exc:
-        if task.acks_late:  # still ours to hand back: the broker redelivers it
+        if task.acks_late and _disown_copies(task, state):
             raise Reject(exc, requeue=True) from exc
         return
     if not turn.offline:
@@ -159,6 +167,17 @@ def _defer(task: Task, state: State, turn: Defer) -> None:
         with contextlib.suppress(StoreError):
             state.deferrals().expect(request.id, meta["token"], prior=prior)
     _handed_back(task, turn, "sent back")
+
+
+def _disown_copies(task: Task, state: State) -> bool:
+    """Make stale what a failed hand-back may have parked or published all the same, so
+    that the requeued delivery runs alone. False if the store cannot, or such a copy
+    started already: the task then stays in this worker (held, or dropped)."""
+    meta = meta_of(task.request)
+    try:
+        return state.deferrals().own(task.request.id, meta.get("token"), meta.get("prior"))
+    except StoreError:
+        return False
 
 
 def _handed_back(task: Task, turn: Defer, how: str) -> NoReturn:

@@ -5,14 +5,15 @@ The parking keys are an app's own: `<p>` is `{ns}:park:<app>`.
 KEYS[1]   `<p>:due`      ZSET parked task id -> due ms (Redis time)
 KEYS[2]   `<p>:claimed`  ZSET claimed task id -> claim deadline ms
 KEYS[3]   `<p>:items`    HASH parked task id -> "due_ms|payload"
-KEYS[4]   `{ns}:run:<task id>` STRING (only for begin/expect/park): which copy may run:
-          "parked", a publish token, or "ran:<token>"; EX the run-key ttl
+KEYS[4]   `{ns}:run:<task id>` STRING (only for begin/expect/park/own): which copy may run:
+          "parked", a publish token, "ran:<token>", or "body:<token>" (the delivery with that
+          token runs its body where it is, its hand-back having failed); EX the run-key ttl
 KEYS[5]   `<p>:epoch` STRING: set while anything was parked; its absence after tasks
           were parked means the parking data was lost (a restart, FLUSHALL, eviction)
 KEYS[6]   `<p>:aside`    HASH task id -> payload of parked tasks that could not be
           published (unreadable, or refused by the app's accept_content), kept a week
 ARGV[1]   now in ms, or '' to read Redis TIME
-ARGV[2]   the operation: park | claim | done | aside | expect | begin
+ARGV[2]   the operation: park | claim | done | aside | expect | begin | own
 ARGV[3..] park:   task id, due in ms, run-key ttl s, payload, most tasks parked at once
           claim:  lead ms, batch size, claim ms
           done:   task id
@@ -21,6 +22,7 @@ ARGV[3..] park:   task id, due in ms, run-key ttl s, payload, most tasks parked 
                   published? (prior: the token of the delivery deferring itself again)
           begin:  task id, token ('' for an original delivery), run-key ttl s, prior token
                   (the token of the delivery that published this copy, '' if none)
+          own:    task id, token ('' for an original delivery), run-key ttl s, prior token
 
 Every key expires: the parking keys a day after their last write (parked tasks are due
 within the integrations' horizon, minutes), run keys after the run-key ttl.
@@ -37,6 +39,9 @@ begin   returns 1 if this delivery may run: its token owns the key (or it ran un
         it before: an acks_late redelivery, or the key is gone), it was published by the
         copy that ran last (while the store could not record it), or it is an original
         whose task was never deferred.
+own     returns 1 if the delivery holding the token may run its body where it is after a
+        hand-back that failed (which may have parked or published a copy all the same:
+        that copy is now stale, and a parked one is dropped), 0 if such a copy started.
 ]]
 
 local function clock()
@@ -113,9 +118,19 @@ if op == 'aside' then
   return 1
 end
 
+-- Whether a run key names a copy that started ("ran:" or "body:").
+local function started(current)
+  return current and (string.sub(current, 1, 4) == 'ran:' or string.sub(current, 1, 5) == 'body:')
+end
+
+-- Whether `current` is the mark of `prior`, the delivery that handed this copy back.
+local function made_by(current, prior)
+  return prior ~= '' and (current == prior or current == 'ran:' .. prior or current == 'body:' .. prior)
+end
+
 if op == 'expect' then
   local current = redis.call('GET', KEYS[4])
-  if current and string.sub(current, 1, 4) == 'ran:' and current ~= 'ran:' .. ARGV[6] then
+  if started(current) and not made_by(current, ARGV[6]) then
     return 0
   end
   redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])
@@ -125,8 +140,8 @@ end
 if op == 'begin' then
   local current = redis.call('GET', KEYS[4])
   local token, prior = ARGV[4], ARGV[6]
-  if token == '' then return current and 0 or 1 end
-  if current == 'ran:' .. token then return 1 end
+  if token == '' then return (current and current ~= 'body:') and 0 or 1 end
+  if current == 'ran:' .. token or current == 'body:' .. token then return 1 end
   -- No key: nothing competes (it expired, or the store lost it). The prior copy's token:
   -- that copy handed this one back while the store could not record it.
   if not current or current == token
@@ -135,6 +150,20 @@ if op == 'begin' then
     return 1
   end
   return 0
+end
+
+if op == 'own' then
+  local current = redis.call('GET', KEYS[4])
+  local token = ARGV[4]
+  local mine = current == 'ran:' .. token or current == 'body:' .. token
+  if started(current) and not mine and not made_by(current, ARGV[6]) then
+    return 0
+  end
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('HDEL', KEYS[3], ARGV[3])
+  redis.call('SET', KEYS[4], 'body:' .. token, 'EX', ARGV[5])
+  return 1
 end
 
 return redis.error_reply('taskthrottle: unknown deferrals operation ' .. tostring(op))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,19 +22,19 @@ import redis
 from bench._report import Row, machine, write_section
 from taskthrottle import Limit, Limiter, MemoryStore, RedisStore
 
-#: The floor: the least a 2-key token bucket in one Lua call can do.
+#: The floor: the least an n-key token bucket in one Lua call can do (all keys or none).
 FLOOR_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cap, rate, ok, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), 1, {}
-for i = 1, 2 do
+for i = 1, #KEYS do
   local v = redis.call('HMGET', KEYS[i], 't', 'a')
   local at = tonumber(v[2]) or now
   tokens[i] = math.min(cap, (tonumber(v[1]) or cap) + (now - at) * rate)
   if tokens[i] < 1 then ok = 0 end
 end
 if ok == 1 then
-  for i = 1, 2 do
+  for i = 1, #KEYS do
     redis.call('HSET', KEYS[i], 't', tokens[i] - 1, 'a', now)
     redis.call('PEXPIRE', KEYS[i], 60000)
   end
@@ -43,54 +44,128 @@ return ok
 
 Case = Callable[[], object]
 FLOOR_CASE = "floor: bare EVALSHA, 2-key token bucket"
+HIGH = 1_000_000_000  # limits so high that every call admits
+#: What the issue's targets compare, each a paired ratio over the rounds: (case, reference).
+PAIRS = [
+    ("RedisStore acquire, 1 limit, consume given", "peer: limits fixed window, 1 limit"),
+    ("RedisStore acquire, 2 limits, consume given", FLOOR_CASE),
+    ("RedisStore acquire, 1 limit, consume given", "RedisStore acquire, 1 limit"),
+    ("RedisStore acquire, 2 limits, consume given", "RedisStore acquire, 2 limits"),
+    (
+        "MemoryStore acquire, 2 limits, consume given",
+        "floor: dict token bucket, 2 limits, one lock",
+    ),
+    ("MemoryStore acquire, 2 limits, consume given", "MemoryStore acquire, 2 limits"),
+]
 
 
 def cases(url: str, namespace: str) -> dict[str, Case]:
-    """Every measured call, each admitting (limits set high so nothing is refused)."""
+    """Every measured Redis call, each admitting; ``consume`` given as LLM tasks give it."""
     client = redis.Redis.from_url(url)
     floor_sha = str(client.script_load(FLOOR_LUA))
     keys = (f"{{{namespace}}}:floor:a", f"{{{namespace}}}:floor:b")
-    rpm = Limit.per_second("rpm", 1_000_000)
-    tpm = Limit.per_second("tpm", 1_000_000)
+    rpm, tpm = Limit.per_second("rpm", HIGH), Limit.per_second("tpm", HIGH)
     on_redis = Limiter(RedisStore.from_url(url, namespace=namespace))
+    both = {"rpm": 1, "tpm": 500}
     found: dict[str, Case] = {
         "redis PING (a bare round trip)": client.ping,
-        FLOOR_CASE: lambda: client.evalsha(floor_sha, 2, *keys, 1_000_000, 1000),
+        "floor: bare EVALSHA, 1-key token bucket": lambda: client.evalsha(
+            floor_sha, 1, keys[0], HIGH, 1000
+        ),
+        FLOOR_CASE: lambda: client.evalsha(floor_sha, 2, *keys, HIGH, 1000),
         "RedisStore acquire, 1 limit": lambda: on_redis.acquire("tenant:1", [rpm]),
+        "RedisStore acquire, 1 limit, consume given": lambda: on_redis.acquire(
+            "tenant:1", [rpm], consume={"rpm": 1}
+        ),
         "RedisStore acquire, 2 limits": lambda: on_redis.acquire("tenant:1", [rpm, tpm]),
+        "RedisStore acquire, 2 limits, consume given": lambda: on_redis.acquire(
+            "tenant:1", [rpm, tpm], consume=both
+        ),
     }
     found.update(peer_cases(url, namespace))
     return found
 
 
 def peer_cases(url: str, namespace: str) -> dict[str, Case]:
-    """The `limits` library on the same Redis, when installed: two limits are two calls."""
+    """`limits` and throttled-py on the same Redis, when installed (``[bench]``); two
+    limits are two calls for them."""
+    found: dict[str, Case] = {}
     try:
         from limits import RateLimitItemPerSecond
         from limits.storage import RedisStorage
         from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
     except ImportError:
-        return {}
+        return found
     storage = RedisStorage(url, key_prefix=f"{namespace}-limits")
-    high = RateLimitItemPerSecond(1_000_000)
+    high = RateLimitItemPerSecond(HIGH)
     fixed, moving = FixedWindowRateLimiter(storage), MovingWindowRateLimiter(storage)
+    found["peer: limits fixed window, 1 limit"] = lambda: fixed.hit(high, "one", "rpm")
+    found["peer: limits fixed window, 2 limits (2 calls)"] = lambda: (
+        fixed.hit(high, "fixed", "rpm") and fixed.hit(high, "fixed", "tpm")
+    )
+    found["peer: limits moving window, 1 limit"] = lambda: moving.hit(high, "moving", "rpm")
+    try:
+        import throttled
+    except ImportError:
+        return found
+    bucket = throttled.Throttled(
+        key=f"{namespace}-throttled",
+        using=throttled.RateLimiterType.TOKEN_BUCKET.value,
+        quota=throttled.rate_limiter.per_sec(HIGH, burst=HIGH),
+        store=throttled.RedisStore(server=url),
+    )
+    found["peer: throttled-py token bucket, 1 limit"] = lambda: bucket.limit(cost=1)
+    return found
 
-    def two(limiter: FixedWindowRateLimiter | MovingWindowRateLimiter, key: str) -> Case:
-        return lambda: limiter.hit(high, key, "rpm") and limiter.hit(high, key, "tpm")
 
-    return {
-        "peer: limits fixed window, 2 limits (2 calls)": two(fixed, "fixed"),
-        "peer: limits moving window, 2 limits (2 calls)": two(moving, "moving"),
-    }
-
-
-def memory_case() -> dict[str, Case]:
-    """The embedded store, measured on its own: interleaving it with network calls would
-    measure cold caches instead."""
-    rpm = Limit.per_second("rpm", 1_000_000)
-    tpm = Limit.per_second("tpm", 1_000_000)
+def memory_cases() -> dict[str, Case]:
+    """The embedded store, measured on its own (interleaving it with network calls would
+    measure cold caches instead), next to the least a 2-limit bucket in a dict can do."""
+    rpm, tpm = Limit.per_second("rpm", HIGH), Limit.per_second("tpm", HIGH)
     in_memory = Limiter(MemoryStore())
-    return {"MemoryStore acquire, 2 limits": lambda: in_memory.acquire("tenant:1", [rpm, tpm])}
+    found: dict[str, Case] = {
+        "floor: dict token bucket, 2 limits, one lock": DictBuckets().acquire,
+        "MemoryStore acquire, 1 limit": lambda: in_memory.acquire("tenant:1", [rpm]),
+        "MemoryStore acquire, 2 limits": lambda: in_memory.acquire("tenant:1", [rpm, tpm]),
+        "MemoryStore acquire, 2 limits, consume given": lambda: in_memory.acquire(
+            "tenant:1", [rpm, tpm], consume={"rpm": 1, "tpm": 500}
+        ),
+    }
+    try:
+        from limits import RateLimitItemPerSecond
+        from limits.storage import MemoryStorage
+        from limits.strategies import FixedWindowRateLimiter
+    except ImportError:
+        return found
+    fixed, high = FixedWindowRateLimiter(MemoryStorage()), RateLimitItemPerSecond(HIGH)
+    found["peer: limits fixed window in memory, 1 limit"] = lambda: fixed.hit(high, "one")
+    return found
+
+
+class DictBuckets:
+    """Two token buckets in a dict under one lock: the in-memory floor."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = {
+            "rpm": (float(HIGH), time.monotonic()),
+            "tpm": (float(HIGH), time.monotonic()),
+        }
+
+    def acquire(self) -> bool:
+        """Take 1 rpm and 500 tpm, both or neither."""
+        with self.lock:
+            now = time.monotonic()
+            levels = {
+                name: min(HIGH, level + (now - at) * HIGH)
+                for name, (level, at) in self.state.items()
+            }
+            cost = {"rpm": 1, "tpm": 500}
+            if any(levels[name] < cost[name] for name in levels):
+                return False
+            for name, level in levels.items():
+                self.state[name] = (level - cost[name], now)
+            return True
 
 
 def measure(found: dict[str, Case], iterations: int, rounds: int) -> dict[str, list[list[float]]]:
@@ -125,9 +200,24 @@ def summarize(samples: dict[str, list[list[float]]]) -> list[Row]:
         values = sorted(v for r in rounds for v in r)
         p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
         ratios = [statistics.median(r) / f for r, f in zip(rounds, floor, strict=True)]
-        ratio = "-" if "Memory" in name else f"{statistics.median(ratios):.2f}x"
+        in_memory = "Memory" in name or "memory" in name or "dict" in name
+        ratio = "-" if in_memory else f"{statistics.median(ratios):.2f}x"
         rows.append(Row(name, f"{statistics.median(values):.1f}", f"{p99:.1f}", ratio))
     return rows
+
+
+def paired(samples: dict[str, list[list[float]]]) -> list[str]:
+    """The targets' comparisons, each the median of per-round ratios of round medians."""
+    lines = []
+    for case, reference in PAIRS:
+        if case not in samples or reference not in samples:
+            continue
+        ratios = [
+            statistics.median(a) / statistics.median(b)
+            for a, b in zip(samples[case], samples[reference], strict=True)
+        ]
+        lines.append(f"| {case} | {reference} | {statistics.median(ratios):.2f}x |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     samples = measure(cases(args.redis, namespace), args.iterations, args.rounds)
-    samples |= measure(memory_case(), args.iterations, args.rounds)
+    samples |= measure(memory_cases(), args.iterations, args.rounds)
     rows = summarize(samples)
     client = redis.Redis.from_url(args.redis)
     for key in client.scan_iter(match=f"*{namespace}*"):
@@ -157,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        "Paired comparisons (median of the per-round ratios):",
+        "",
+        "| case | against | ratio |",
+        "|---|---|---|",
+        *paired(samples),
     ]
     write_section(args.output, "acquire latency", body)
     return 0

@@ -69,12 +69,6 @@ def bucket_add(level: tuple[int, int, int] | None, now: int, amount: int) -> Buc
     return debit + amount, anchor
 
 
-def bucket_ttl(state: BucketState, now: int, refill: int, period: int) -> int:
-    """Milliseconds until the bucket is full again (at least 1)."""
-    debit, anchor = state
-    return max(1, refill_time(debit, refill, period) - max(0, now - anchor))
-
-
 def quota_used(state: QuotaState | None, now: int, period: int) -> int:
     """Millitokens used in the current calendar window."""
     if state is None or state[1] != now // period:

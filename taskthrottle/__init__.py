@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from taskthrottle._breaker import Breaker, BreakerState
 from taskthrottle._exceptions import (
+    BreakerOpen,
     InvalidInput,
     InvalidType,
     MissingDependency,
@@ -26,24 +28,30 @@ from taskthrottle._store import AsyncStore, Entry, Outcome, Store
 from taskthrottle._throttle import Throttle, current_lease, throttled
 
 if TYPE_CHECKING:
-    from taskthrottle._redis import AsyncRedisStore, RedisStore
+    from taskthrottle._redis import AsyncRedisStore as AsyncRedisStore
+    from taskthrottle._redis import RedisStore as RedisStore
 
 __version__ = "0.1.0"
 
 # Tracebacks and reprs name the public home of each class, not its private module.
 for _public in (
-    AsyncLease, AsyncLimiter, AsyncReservation, Entry, InvalidInput, InvalidType, Lease, Limit,
-    Limiter, MemoryStore, MissingDependency, Outcome, RequestTooLarge, Reservation, StoreError,
-    StoreUnavailable, TaskThrottleError, Throttled, Violation,
+    AsyncLease, AsyncLimiter, AsyncReservation, Breaker, BreakerOpen, BreakerState, Entry,
+    InvalidInput, InvalidType, Lease, Limit, Limiter, MemoryStore, MissingDependency, Outcome,
+    RequestTooLarge, Reservation, StoreError, StoreUnavailable, TaskThrottleError, Throttled,
+    Violation,
 ):  # fmt: skip
     _public.__module__ = "taskthrottle"
 
+# What every install has: `from taskthrottle import *` never needs the redis extra. The
+# Redis stores are imported by name (`from taskthrottle import RedisStore`), on first use.
 __all__ = [
     "AsyncLease",
     "AsyncLimiter",
-    "AsyncRedisStore",
     "AsyncReservation",
     "AsyncStore",
+    "Breaker",
+    "BreakerOpen",
+    "BreakerState",
     "Entry",
     "InvalidInput",
     "InvalidType",
@@ -53,7 +61,6 @@ __all__ = [
     "MemoryStore",
     "MissingDependency",
     "Outcome",
-    "RedisStore",
     "RequestTooLarge",
     "Reservation",
     "Store",

@@ -2,7 +2,8 @@
 
 TaskThrottleError
 ├── Throttled                  the request must wait: carries retry_after and violations
-│   └── StoreUnavailable       the store failed and on_store_error is "defer"
+│   ├── StoreUnavailable       the store failed and on_store_error is "defer"
+│   └── BreakerOpen            a circuit breaker refuses calls for now
 ├── StoreError                 the store (Redis) failed or answered nonsense
 ├── InvalidInput (ValueError)  bad arguments; nothing was changed
 │   └── RequestTooLarge        the request exceeds a limit's capacity and can never pass
@@ -52,6 +53,27 @@ class StoreUnavailable(Throttled):
         self.cause = cause
         TaskThrottleError.__init__(
             self, f"the store is unavailable ({cause}); retry after {retry_after:.3f}s"
+        )
+
+
+class BreakerOpen(Throttled):
+    """Raised when a circuit breaker refuses a call: it is open, or half-open with every
+    probe slot taken. ``retry_after`` is the time left before a call could pass;
+    ``breaker`` names it and ``state`` is "open" or "half-open".
+
+    A `Throttled`, because it means the same thing to everyone who handles one: nothing
+    was done, try again after ``retry_after``. The task gates reschedule a refused task
+    through their existing deferral path, never failing it nor counting a retry, and
+    retry policies that honour ``Throttled.retry_after`` honour it too.
+    """
+
+    def __init__(self, breaker: str, retry_after: float, state: str) -> None:
+        self.retry_after = retry_after
+        self.violations = (Violation(breaker, f"breaker {state}", retry_after),)
+        self.breaker = breaker
+        self.state = state
+        TaskThrottleError.__init__(
+            self, f"breaker {breaker!r} is {state}; retry after {retry_after:.3f}s"
         )
 
 

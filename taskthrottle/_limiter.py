@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from taskthrottle._algorithms import refill_time
@@ -29,12 +30,24 @@ from taskthrottle._outage import (
     check_policy,
     local_share_of,
 )
-from taskthrottle._plan import Consume, Target, check_key, entries, new_id
+from taskthrottle._plan import Consume, Target, check_key, entries, milli_amount, new_id
 from taskthrottle._renewal import Renewer
-from taskthrottle._store import BUCKET, QUOTA, AsyncStore, Entry, Outcome, Store
+from taskthrottle._store import (
+    BUCKET,
+    CONCURRENCY,
+    QUOTA,
+    AsyncStore,
+    BreakerReply,
+    BreakerSpec,
+    Entry,
+    Outcome,
+    Store,
+)
 
 if TYPE_CHECKING:
     from taskthrottle.metrics import Metrics
+
+log = logging.getLogger("taskthrottle")
 
 #: Seconds a concurrency slot stays held after its holder stops renewing it (it died, or
 #: never released it); a `Limiter` renews its live leases every third of this.
@@ -107,6 +120,34 @@ def _wait(charged: list[Entry], levels: list[int], ttl_ms: int) -> float:
         else:
             waits.append(ttl_ms)
     return max(waits) / 1000
+
+
+def _pushback(
+    key: str,
+    retry_after: float | None,
+    remaining: Mapping[str, float] | None,
+    limits: Sequence[Limit] | None,
+) -> tuple[str, int, list[Entry]]:
+    """The key, hold (ms) and lowered entries of a pushback, all checked."""
+    key = check_key(key)
+    hold_ms = 0 if retry_after is None else _seconds(retry_after, "retry_after", allow_zero=True)
+    if not remaining:
+        return key, hold_ms, []
+    if limits is None:
+        raise InvalidInput("pushback(remaining=...) needs the limits it names (limits=[...])")
+    by_name = {e.name: e for e in entries(key, limits, None, default=0)}
+    lowered = []
+    for name, left in remaining.items():
+        e = by_name.get(name)
+        if e is None or e.kind == CONCURRENCY:
+            known = sorted(n for n, e in by_name.items() if e.kind != CONCURRENCY)
+            msg = f"remaining names {name!r}, which is not a bucket or quota of {known}"
+            raise InvalidInput(msg)
+        milli = milli_amount(left, "remaining[{!r}]", name, signed=True)
+        if milli < 0:
+            raise InvalidInput(f"remaining[{name!r}] must be at least 0, got {left!r}")
+        lowered.append(e._replace(amount=min(milli, e.cap)))
+    return key, hold_ms, lowered
 
 
 def _available(charged: list[Entry], levels: list[int]) -> dict[str, float]:
@@ -297,6 +338,27 @@ class Limiter:
         """Make every limit under ``key`` full again (and forget its slots)."""
         self._guarded.reset(check_key(key))
 
+    def pushback(
+        self,
+        key: str,
+        retry_after: float | None = None,
+        *,
+        remaining: Mapping[str, float] | None = None,
+        limits: Sequence[Limit] | None = None,
+    ) -> None:
+        """The callee said "slow down" for ``key``: every worker holds it off.
+
+        Every bucket and quota under ``key`` waits at least ``retry_after`` seconds from
+        now, whatever request it is part of (a later hold wins); ``remaining`` maps names
+        of ``limits`` to what the callee says is left, and lowers each to it (never
+        raises it). While the store fails the pushback is dropped (the outage is logged).
+        """
+        key, hold_ms, lowered = _pushback(key, retry_after, remaining, limits)
+        try:
+            self._guarded.pushback(key, hold_ms, lowered)
+        except StoreError as exc:
+            log.debug("taskthrottle: pushback of %r dropped: %s", key, exc)
+
 
 class _AsyncOverSync:
     """Lets an `AsyncLimiter` use a store that never blocks (such as `MemoryStore`)."""
@@ -322,6 +384,17 @@ class _AsyncOverSync:
 
     async def reset(self, key: str) -> None:
         self.store.reset(key)
+
+    async def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        self.store.pushback(key, hold_ms, remaining)
+
+    async def breaker(
+        self, name: str, op: int, probe_round: int, spec: BreakerSpec
+    ) -> BreakerReply:
+        return self.store.breaker(name, op, probe_round, spec)
+
+    async def reset_breaker(self, name: str) -> None:
+        self.store.reset_breaker(name)
 
 
 class AsyncLimiter:
@@ -439,3 +512,18 @@ class AsyncLimiter:
     async def reset(self, key: str) -> None:
         """See `Limiter.reset`."""
         await self._guarded.reset(check_key(key))
+
+    async def pushback(
+        self,
+        key: str,
+        retry_after: float | None = None,
+        *,
+        remaining: Mapping[str, float] | None = None,
+        limits: Sequence[Limit] | None = None,
+    ) -> None:
+        """See `Limiter.pushback`."""
+        key, hold_ms, lowered = _pushback(key, retry_after, remaining, limits)
+        try:
+            await self._guarded.pushback(key, hold_ms, lowered)
+        except StoreError as exc:
+            log.debug("taskthrottle: pushback of %r dropped: %s", key, exc)

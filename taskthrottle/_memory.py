@@ -18,7 +18,17 @@ from operator import itemgetter
 from typing import Any
 
 from taskthrottle import _algorithms as alg
-from taskthrottle._store import BUCKET, CONCURRENCY, QUOTA, Entry, Outcome, check_renew_ttl
+from taskthrottle import _circuit
+from taskthrottle._store import (
+    BUCKET,
+    CONCURRENCY,
+    QUOTA,
+    BreakerReply,
+    BreakerSpec,
+    Entry,
+    Outcome,
+    check_renew_ttl,
+)
 
 #: How long (ms) a granted lease id or a settle id is remembered after its turn, making a
 #: repeat a no-op.
@@ -28,6 +38,8 @@ OP_MEMORY_MS = 60_000
 MAX_REMEMBERED = 100_000
 
 Field = tuple[int, str]  # (kind, limit name)
+#: The field of a key's state that holds a pushback's end (ms), as "p" in Redis.
+HELD: Field = (-1, "")
 _new = tuple.__new__
 
 
@@ -195,6 +207,9 @@ class MemoryStore:
         # "<lease>:r") can pass for a lease id, nor the reverse.
         self._acquired = _OpMemory()
         self._settled = _OpMemory()
+        # Breakers by name: their fields (see _circuit) and when they expire (ms).
+        self._breakers: dict[str, tuple[_circuit.Fields, int]] = {}
+        self._breakers_lock = threading.Lock()
 
     def _locked(self, entries: Sequence[Entry]) -> _Locks | threading.Lock:
         stripes = self._stripes
@@ -269,7 +284,8 @@ class MemoryStore:
             live = state is not None and state.expires > now
             fields = state.fields if live else {}  # type: ignore[union-attr]
             charges = []  # (field, new debit, anchor, refill, period) per entry
-            delay = 0
+            held = fields.get(HELD)
+            delay = 0 if held is None else max(0, held - now)
             for _, name, _, cap, refill, period, amount in entries:
                 field = (BUCKET, name)
                 level = fields.get(field)
@@ -327,12 +343,14 @@ class MemoryStore:
             key_state = raw = None
         else:
             raw = key_state.fields.get((kind, e.name))
+        held = 0 if key_state is None else key_state.fields.get(HELD, 0) - now
         if kind == BUCKET:
             level = alg.bucket_level(raw, now, refill, period)
-            return alg.bucket_wait(level, now, cap, refill, period, amount), level, key_state
+            wait = alg.bucket_wait(level, now, cap, refill, period, amount)
+            return max(wait, held), level, key_state
         if kind == QUOTA:
             used = alg.quota_used(raw, now, period)
-            return alg.quota_wait(used, now, cap, period, amount), used, key_state
+            return max(alg.quota_wait(used, now, cap, period, amount), held), used, key_state
         slots: _Slots = raw or _Slots()
         # Refusals too forget the expired leases, under the stripe's lock: this changes
         # nothing anyone can see, and the next call need not pass them again.
@@ -452,3 +470,39 @@ class MemoryStore:
         stripe = self._stripes[hash(key) % len(self._stripes)]
         with stripe.lock:
             stripe.keys.pop(key, None)
+
+    def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """See `taskthrottle.Store.pushback`; as lua/pushback.lua."""
+        now = round(self._clock() * 1000)
+        stripe = self._stripes[hash(key) % len(self._stripes)]
+        with stripe.lock:
+            for e in remaining:
+                look = self._look(e._replace(amount=0), now)
+                used = look[1] if e.kind == QUOTA else (look[1] or (0, 0, 0))[2]
+                self._charge(e._replace(amount=max(0, e.cap - e.amount - used)), look, now, "", 0)
+            if hold_ms <= 0:
+                return
+            state = stripe.get(key, now) or stripe.add(key, now)
+            if now + hold_ms > state.fields.get(HELD, 0):
+                state.fields[HELD] = now + hold_ms
+                state.expires = max(state.expires, now + hold_ms)
+
+    def breaker(self, name: str, op: int, probe_round: int, spec: BreakerSpec) -> BreakerReply:
+        """See `taskthrottle.Store.breaker`; `_circuit.step` under a lock."""
+        now = round(self._clock() * 1000)
+        with self._breakers_lock:
+            fields, expires = self._breakers.get(name, ({}, 0))
+            if expires <= now:
+                fields = {}
+            reply, dirty = _circuit.step(fields, now, op, probe_round, spec)
+            if dirty:
+                if fields:
+                    self._breakers[name] = fields, now + _circuit.ttl(fields, now, spec)
+                else:
+                    self._breakers.pop(name, None)
+        return reply
+
+    def reset_breaker(self, name: str) -> None:
+        """See `taskthrottle.Store.reset_breaker`."""
+        with self._breakers_lock:
+            self._breakers.pop(name, None)

@@ -17,7 +17,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
 from taskthrottle._exceptions import InvalidInput, StoreError
-from taskthrottle._store import CONCURRENCY, AsyncStore, Entry, Outcome, Store
+from taskthrottle._store import (
+    CONCURRENCY,
+    AsyncStore,
+    BreakerReply,
+    BreakerSpec,
+    Entry,
+    Outcome,
+    Store,
+)
 
 log = logging.getLogger("taskthrottle")
 
@@ -175,6 +183,20 @@ class GuardedStore:
         """See `taskthrottle.Store.reset`."""
         self.outage.call(self._policy(), lambda: self.store.reset(key))
 
+    def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """See `taskthrottle.Store.pushback`."""
+        self.outage.call(self._policy(), lambda: self.store.pushback(key, hold_ms, remaining))
+
+    def breaker(self, name: str, op: int, probe_round: int, spec: BreakerSpec) -> BreakerReply:
+        """See `taskthrottle.Store.breaker`."""
+        return self.outage.call(
+            self._policy(), lambda: self.store.breaker(name, op, probe_round, spec)
+        )
+
+    def reset_breaker(self, name: str) -> None:
+        """See `taskthrottle.Store.reset_breaker`."""
+        self.outage.call(self._policy(), lambda: self.store.reset_breaker(name))
+
 
 class AsyncGuardedStore:
     """The asyncio twin of `GuardedStore`."""
@@ -212,6 +234,24 @@ class AsyncGuardedStore:
         """See `taskthrottle.Store.reset`."""
         await self.outage.acall(self._policy(), lambda: self.store.reset(key))
 
+    async def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """See `taskthrottle.Store.pushback`."""
+        await self.outage.acall(
+            self._policy(), lambda: self.store.pushback(key, hold_ms, remaining)
+        )
+
+    async def breaker(
+        self, name: str, op: int, probe_round: int, spec: BreakerSpec
+    ) -> BreakerReply:
+        """See `taskthrottle.Store.breaker`."""
+        return await self.outage.acall(
+            self._policy(), lambda: self.store.breaker(name, op, probe_round, spec)
+        )
+
+    async def reset_breaker(self, name: str) -> None:
+        """See `taskthrottle.Store.reset_breaker`."""
+        await self.outage.acall(self._policy(), lambda: self.store.reset_breaker(name))
+
 
 class NoStore:
     """Where a lease granted without the store (``on_store_error="allow"``) settles: nowhere."""
@@ -238,6 +278,16 @@ class NoStore:
     def reset(self, key: str) -> None:
         """Changes nothing."""
 
+    def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """Changes nothing."""
+
+    def breaker(self, name: str, op: int, probe_round: int, spec: BreakerSpec) -> BreakerReply:
+        """Every breaker closed, letting every call through."""
+        return BreakerReply(1, 0, 0, 0, 0, 0, 0, 0, -1, round(time.time() * 1000))
+
+    def reset_breaker(self, name: str) -> None:
+        """Changes nothing."""
+
 
 class AsyncNoStore:
     """The asyncio twin of `NoStore`."""
@@ -262,6 +312,18 @@ class AsyncNoStore:
         return NO_STORE.renew(leases, ttl_ms)
 
     async def reset(self, key: str) -> None:
+        """Changes nothing."""
+
+    async def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """Changes nothing."""
+
+    async def breaker(
+        self, name: str, op: int, probe_round: int, spec: BreakerSpec
+    ) -> BreakerReply:
+        """Every breaker closed."""
+        return NO_STORE.breaker(name, op, probe_round, spec)
+
+    async def reset_breaker(self, name: str) -> None:
         """Changes nothing."""
 
 

@@ -186,7 +186,11 @@ def check_consume(consume: object, names: frozenset[str]) -> dict[str, int]:
         msg = f"consume must map limit names to amounts, got {consume!r}"
         raise InvalidType(msg)
     if not names.issuperset(consume):
-        unknown = sorted(map(repr, set(consume) - names))
-        msg = f"consume names unknown limits {unknown} (known: {sorted(names)})"
+        unknown = sorted(set(consume) - names, key=str)
+        which = "a limit" if len(unknown) == 1 else "limits"
+        msg = (
+            f"consume names {which} this request does not have: "
+            f"{', '.join(map(repr, unknown))} (its limits: {', '.join(sorted(names))})"
+        )
         raise InvalidInput(msg)
     return {name: milli_amount(value, "consume[{!r}]", name) for name, value in consume.items()}

@@ -5,11 +5,14 @@ Every operation is one EVALSHA of a script in ``lua/``; the time comes from Redi
 
 Key schema, for namespace ``ns`` and key ``k``::
 
-    {ns}:b:k      HASH    buckets and quotas of k (expires a minute after all are full)
+    {ns}:b:k      HASH    buckets and quotas of k, and a pushback's hold of k (expires
+                          a minute after all are full and the hold is over)
     {ns}:c:k      ZSET    concurrency slots of k  (expires with the last slot)
     {ns}:op:a:id  STRING  a lease acquired lately, and
     {ns}:op:s:id  STRING  a settle done lately, so that a call the client sent again
                           charges once (expire a minute after the op's turn)
+    {ns}:cb:name  HASH    circuit breaker `name` (see lua/breaker.lua; expires a window
+                          and a minute after its last change, an open one later)
 
 Every key carries the hash tag ``{ns}``, so a lease over several keys is one
 script call on Redis Cluster too. The price: a namespace lives in one slot, on
@@ -45,6 +48,8 @@ from taskthrottle._plan import MAX_SHAPES, Shape  # noqa: E402
 from taskthrottle._store import (  # noqa: E402
     BUCKET,
     CONCURRENCY,
+    BreakerReply,
+    BreakerSpec,
     Entry,
     Outcome,
     check_renew_ttl,
@@ -71,6 +76,8 @@ BUCKETS = Script("buckets.lua", "prelude.lua")  # the common request: see the sc
 SETTLE = Script("settle.lua", "prelude.lua", "entries.lua")
 PEEK = Script("peek.lua", "prelude.lua", "entries.lua")
 RENEW = Script("renew.lua", "prelude.lua")
+PUSHBACK = Script("pushback.lua", "prelude.lua", "entries.lua")
+BREAKER = Script("breaker.lua", "prelude.lua")
 
 
 def check_namespace(namespace: object) -> str:
@@ -169,6 +176,32 @@ class _Codec:
 
     def key_names(self, key: str) -> tuple[str, str]:
         return f"{self.tag}:b:{key}", f"{self.tag}:c:{key}"
+
+    def pushback(
+        self, key: str, hold_ms: int, remaining: Sequence[Entry]
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of pushback.lua: the key's hash is KEYS[2] whatever the
+        entries (all buckets and quotas of ``key``)."""
+        argv = self.encode(remaining)[1] if remaining else []
+        return [self.acquired, self.key_names(key)[0]], [self.now(), hold_ms, *argv]
+
+    def breaker(
+        self, name: str, op: int, probe_round: int, spec: BreakerSpec
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of breaker.lua."""
+        rules = ":".join(str(n) for n in spec)
+        return [self.breaker_key(name)], [self.now(), op, probe_round, rules]
+
+    def breaker_key(self, name: str) -> str:
+        return f"{self.tag}:cb:{name}"
+
+
+def breaker_reply(reply: Any) -> BreakerReply:
+    """A breaker.lua reply as a `BreakerReply`."""
+    try:
+        return BreakerReply(*(int(x) for x in reply))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"unexpected reply from breaker.lua: {reply!r}") from exc
 
 
 #: What a request is sent as: KEYS but the op's, ARGV but the first few, and the acquire
@@ -447,6 +480,10 @@ class RedisStore:
     def __repr__(self) -> str:
         return f"RedisStore({self._address!r}, namespace={self._codec.namespace!r})"
 
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.client.close()
+
     def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, retried on a connection error or a timeout; `StoreError` when it
         fails for good."""
@@ -501,6 +538,24 @@ class RedisStore:
     def reset(self, key: str) -> None:
         """See `taskthrottle.Store.reset`."""
         self._call(f"reset of {key!r}", self.client.delete, *self._codec.key_names(key))
+
+    def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """See `taskthrottle.Store.pushback`."""
+        self._run(PUSHBACK, *self._codec.pushback(key, hold_ms, remaining))
+
+    def breaker(self, name: str, op: int, probe_round: int, spec: BreakerSpec) -> BreakerReply:
+        """See `taskthrottle.Store.breaker`."""
+        # Sent once: a breaker step is not idempotent (a probe or an outcome sent again
+        # would count twice), and a breaker without its store lets calls through.
+        keys, argv = self._codec.breaker(name, op, probe_round, spec)
+        try:
+            return breaker_reply(self._evalsha(BREAKER, keys, argv))
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"breaker.lua failed: {exc}") from exc
+
+    def reset_breaker(self, name: str) -> None:
+        """See `taskthrottle.Store.reset_breaker`."""
+        self._call(f"reset of breaker {name!r}", self.client.delete, self._codec.breaker_key(name))
 
 
 class AsyncRedisStore:
@@ -600,6 +655,25 @@ class AsyncRedisStore:
 
     async def _delete(self, *keys: str) -> Any:
         return await self.client.delete(*keys)
+
+    async def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """See `taskthrottle.Store.pushback`."""
+        await self._run(PUSHBACK, *self._codec.pushback(key, hold_ms, remaining))
+
+    async def breaker(
+        self, name: str, op: int, probe_round: int, spec: BreakerSpec
+    ) -> BreakerReply:
+        """See `taskthrottle.Store.breaker`."""
+        keys, argv = self._codec.breaker(name, op, probe_round, spec)
+        try:  # sent once: see RedisStore.breaker
+            return breaker_reply(await self._eval(BREAKER, keys, argv))
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"breaker.lua failed: {exc}") from exc
+
+    async def reset_breaker(self, name: str) -> None:
+        """See `taskthrottle.Store.reset_breaker`."""
+        key = self._codec.breaker_key(name)
+        await self._call(f"reset of breaker {name!r}", self._delete, key)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

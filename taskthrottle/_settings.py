@@ -11,8 +11,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
+from taskthrottle._breaker import gate_enter, gate_leave
 from taskthrottle._deferrals import Deferrals, deferrals_for
-from taskthrottle._exceptions import InvalidInput, StoreError, StoreUnavailable, Throttled
+from taskthrottle._exceptions import (
+    BreakerOpen,
+    InvalidInput,
+    StoreError,
+    StoreUnavailable,
+    Throttled,
+)
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
 from taskthrottle._outage import POLICIES, check_policy
@@ -131,7 +138,8 @@ class State:
             default = dict(settings.default)
             limits = default.pop("limits", ())
             key, consume = default.pop("key", None), default.pop("consume", None)
-            self.default = (throttle_spec(tuple(limits), key, consume, default),)
+            breaker = default.pop("breaker", None)
+            self.default = (throttle_spec(tuple(limits), key, consume, default, breaker),)
         if isinstance(limiter, Limiter):
             self._limiter = self._configure(limiter)
 
@@ -184,10 +192,13 @@ class State:
 
 def retry_wait(exc: Throttled, ask: Request, settings: Settings) -> float:
     """When a refused task should try again: its retry-after, except that a full concurrency
-    limit is polled every ``slot_poll`` seconds, plus up to ``jitter`` of it at random."""
+    limit, and a half-open breaker whose probe slots are taken, are polled every
+    ``slot_poll`` seconds; plus up to ``jitter`` of it at random."""
     kinds = {
         (key, limit.name): limit.kind for key, limits in ask.target.items() for limit in limits
     }
+    if isinstance(exc, BreakerOpen) and exc.state == "half-open":
+        kinds[(exc.breaker, exc.violations[0].limit)] = "concurrency"
     waits = [
         min(v.retry_after, settings.slot_poll)
         if kinds.get((v.key, v.limit)) == "concurrency"
@@ -225,7 +236,47 @@ def book_turn(
     ``once``: this delivery must not run if it was granted before (its message was
     acknowledged before it ran, so a second delivery is a duplicate: a lost ack, a reused
     task id); None then, and it is dropped.
+
+    Granted, the task must still pass the breakers it names (after its limits, so that a
+    probe slot is not held by a task that waits for its turn); one that refuses gives the
+    lease back and defers the task to when a call could pass.
     """
+    turn = _book_turn(state, ask, message_id, meta, attempt, once=once)
+    if not (ask.breakers and isinstance(turn, Lease)):
+        return turn
+    try:
+        gate_enter(ask.breakers, turn)
+    except BreakerOpen as exc:
+        give_back(turn)
+        return refused(state, ask, meta, attempt, exc)
+    return turn
+
+
+def refused(
+    state: State, ask: Request, meta: Mapping[str, Any], attempt: int, exc: BreakerOpen
+) -> Defer:
+    """The deferral of a delivery that a breaker refused (at the gate, or in the body)."""
+    wait = retry_wait(exc, ask, state.settings)
+    return Defer(_again(meta, attempt), wait, why=f"breaker {exc.breaker!r}, {exc.state}")
+
+
+def _again(meta: Mapping[str, Any], attempt: int) -> dict[str, Any]:
+    """The header of the next copy of a delivery carrying ``meta``."""
+    if meta.get("attempt", 0) != attempt:  # a retry carries the headers of the attempt before
+        meta = {}
+    return {"gen": int(_number(meta, "gen")) + 1, "attempt": attempt}
+
+
+def _book_turn(
+    state: State,
+    ask: Request,
+    message_id: str,
+    meta: Mapping[str, Any],
+    attempt: int,
+    *,
+    once: bool = False,
+) -> Lease | Defer | None:
+    """`book_turn` for the limits alone."""
     limiter, settings = state.limiter(), state.settings
     if meta.get("attempt", 0) != attempt:  # a retry carries the headers of the attempt before
         meta = {}
@@ -316,8 +367,10 @@ def give_back(lease: Lease) -> None:
 
 
 def settle(lease: Lease, settings: Settings, *, failed: bool) -> None:
-    """After the body, whatever happened: refund on failure if asked, and free the slots.
-    A store that fails here was logged as an outage; the slots then expire by their TTL."""
+    """After the body, whatever happened: give back the breaker probes it did not use,
+    refund on failure if asked, and free the slots. A store that fails here was logged as
+    an outage; the slots then expire by their TTL."""
+    gate_leave(lease)
     if failed and settings.on_failure == "refund":
         give_back(lease)
         return

@@ -16,6 +16,11 @@ from taskthrottle._limits import MAX_EXACT
 #: Entry kinds, as sent to a store.
 BUCKET, CONCURRENCY, QUOTA = 0, 1, 2
 
+#: Breaker operations (see `Store.breaker`): ask to pass, report an outcome, or read.
+ENTER, SUCCESS, FAILURE, IGNORE, PEEK = 0, 1, 2, 3, 4
+#: Breaker states, as stores keep them.
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+
 
 class Entry(NamedTuple):
     """One limit under one key, and the millitokens an operation charges it.
@@ -49,6 +54,45 @@ class Outcome(NamedTuple):
     now_ms: int
     violations: tuple[tuple[int, int], ...] = ()
     replayed: bool = False
+
+
+class BreakerSpec(NamedTuple):
+    """A breaker's rules, in integers: open at ``threshold`` failures (0: no such rule) or
+    at a failure rate of ``rate`` thousandths (0: none) over at least ``minimum_calls``
+    calls, within the last ``window`` ms; stay open ``recovery`` ms; then let
+    ``probes`` calls through at once, closing after ``successes`` of them succeed; a probe
+    not reported within ``probe_timeout`` ms of the latest one counts as lost."""
+
+    threshold: int
+    rate: int
+    minimum_calls: int
+    window: int
+    recovery: int
+    probes: int
+    successes: int
+    probe_timeout: int
+
+
+class BreakerReply(NamedTuple):
+    """A store's answer to a breaker operation.
+
+    ``verdict``: 0 refused (wait ``wait_ms``), 1 passed while closed, 2 passed as a probe
+    of round ``round`` (to report with it). ``state`` after the operation; ``calls`` and
+    ``failures`` in the window (closed), or ``probes`` in flight and ``successes`` so far
+    (half-open). ``changed`` is the state this operation moved the breaker to, or -1:
+    exactly one caller sees each transition.
+    """
+
+    verdict: int
+    wait_ms: int
+    state: int
+    calls: int
+    failures: int
+    probes: int
+    successes: int
+    round: int
+    changed: int
+    now_ms: int
 
 
 def check_renew_ttl(ttl_ms: object) -> int:
@@ -99,6 +143,22 @@ class Store(Protocol):
         """Forget every limit under ``key``: they are full again."""
         ...
 
+    def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """Hold off ``key``: every bucket and quota under it waits at least ``hold_ms``
+        from now (a later hold wins), and each of ``remaining`` (buckets and quotas of
+        ``key``, ``amount`` being what is left) is lowered to its amount, never raised."""
+        ...
+
+    def breaker(self, name: str, op: int, probe_round: int, spec: BreakerSpec) -> BreakerReply:
+        """One step of breaker ``name`` (see `_circuit.step`), atomically: ``op`` is
+        ENTER, SUCCESS, FAILURE, IGNORE (of a call passed in ``probe_round``, 0 when closed) or
+        PEEK (writes nothing). A breaker without state is closed."""
+        ...
+
+    def reset_breaker(self, name: str) -> None:
+        """Forget breaker ``name``'s state: it is closed, its window empty."""
+        ...
+
 
 class AsyncStore(Protocol):
     """The asyncio twin of `Store`."""
@@ -125,4 +185,18 @@ class AsyncStore(Protocol):
 
     async def reset(self, key: str) -> None:
         """See `Store.reset`."""
+        ...
+
+    async def pushback(self, key: str, hold_ms: int, remaining: Sequence[Entry]) -> None:
+        """See `Store.pushback`."""
+        ...
+
+    async def breaker(
+        self, name: str, op: int, probe_round: int, spec: BreakerSpec
+    ) -> BreakerReply:
+        """See `Store.breaker`."""
+        ...
+
+    async def reset_breaker(self, name: str) -> None:
+        """See `Store.reset_breaker`."""
         ...

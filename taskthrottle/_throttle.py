@@ -49,6 +49,8 @@ class Throttle:
     #: of them; None means the task's own name.
     key: KeySpec | None = None
     consume: Mapping[str, Amount] = field(default_factory=dict)
+    #: The name of a `Breaker` the task waits for while it refuses calls.
+    breaker: str | None = None
 
 
 def throttled(
@@ -64,17 +66,19 @@ def throttled(
     tph: float | None = None,
     tpd: float | None = None,
     concurrency: float | None = None,
+    breaker: str | None = None,
 ) -> Callable[[F], F]:
     """Record limits on a task function; the Celery and Dramatiq integrations enforce them.
 
     Keyword limits (``rpm=500``, ``tpm=90_000``, ``concurrency=4``) become limits of those
     names; `Limit` objects may be given too. ``key`` says whose budget is spent; ``consume``
     maps limit names to amounts or to callables of the task's arguments. Stacked
-    ``@throttled`` decorators form one all-or-nothing lease.
+    ``@throttled`` decorators form one all-or-nothing lease. ``breaker`` names a
+    `Breaker`: while it refuses calls the task waits, rescheduled like a throttled one.
     """
     given = {"rps": rps, "rpm": rpm, "rph": rph, "rpd": rpd, "tps": tps, "tpm": tpm}
     given |= {"tph": tph, "tpd": tpd, "concurrency": concurrency}
-    spec = throttle_spec(limits, key, consume, given)
+    spec = throttle_spec(limits, key, consume, given, breaker)
 
     def decorate(func: F) -> F:
         check_key_fields(spec, func)
@@ -92,9 +96,12 @@ def throttle_spec(
     key: KeySpec | None,
     consume: Mapping[str, Amount] | None,
     keywords: Mapping[str, float | None],
+    breaker: str | None = None,
 ) -> Throttle:
     """The `Throttle` one ``throttled(...)`` records, checked; ``keywords`` are the keyword
     limits (``{"rpm": 500}``)."""
+    if breaker is not None and not (isinstance(breaker, str) and breaker):
+        raise InvalidType(f"breaker must name a Breaker, got {breaker!r}")
     unknown = sorted(set(keywords) - set(_KEYWORDS))
     if unknown:
         raise InvalidInput(f"unknown keyword limits {unknown} (known: {sorted(_KEYWORDS)})")
@@ -103,7 +110,7 @@ def throttle_spec(
         if not isinstance(limit, Limit):
             msg = f"throttled() takes Limit objects and keyword limits, got {limit!r}"
             raise InvalidType(msg)
-    spec = Throttle((*limits, *built), key, dict(consume or {}))
+    spec = Throttle((*limits, *built), key, dict(consume or {}), breaker)
     _check(spec)
     return spec
 
@@ -199,6 +206,8 @@ class Request:
 
     target: dict[str, list[Limit]]
     consume: dict[str, float]
+    #: The breakers the task waits for, by name.
+    breakers: tuple[str, ...] = ()
 
 
 def plan(
@@ -212,6 +221,7 @@ def plan(
     bound: dict[str, Any] | None = None
     target: dict[str, list[Limit]] = {}
     consume: dict[str, float] = {}
+    breakers = tuple(dict.fromkeys(spec.breaker for spec in throttles if spec.breaker))
     for spec in throttles:
         if bound is None and isinstance(spec.key, str) and "{" in spec.key:
             bound = _arguments(func, args, kwargs)
@@ -219,7 +229,7 @@ def plan(
         target.setdefault(key, []).extend(spec.limits)
         for name, amount in spec.consume.items():
             consume[name] = amount(*args, **kwargs) if callable(amount) else amount
-    return Request(target, consume)
+    return Request(target, consume, breakers)
 
 
 def _arguments(

@@ -15,6 +15,7 @@ never counted against ``max_retries``. The copy carries its reservation in the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -24,10 +25,19 @@ from collections.abc import Callable
 from typing import Any
 
 from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser, Unreadable
-from taskthrottle._exceptions import InvalidInput, StoreError, require
+from taskthrottle._exceptions import BreakerOpen, InvalidInput, StoreError, require
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
-from taskthrottle._settings import Defer, Settings, State, book_turn, settle, take_over
+from taskthrottle._settings import (
+    Defer,
+    Settings,
+    State,
+    book_turn,
+    give_back,
+    refused,
+    settle,
+    take_over,
+)
 from taskthrottle._throttle import (
     Request,
     Throttle,
@@ -120,6 +130,26 @@ class ThrottleMiddleware(Middleware):
             self._specs[actor.actor_name] = _throttles_of(actor)
         except (TypeError, ValueError) as exc:
             raise BadThrottle(f"actor {actor.actor_name!r} has a bad throttle: {exc}") from exc
+        self._guard(actor)
+
+    def _guard(self, actor: Any) -> None:
+        """Have a throttled actor's body hand its message back when a breaker refuses one of
+        its calls (`BreakerOpen`), instead of failing: the one place that can tell, since
+        Dramatiq's Retries would count any exception the actor raised."""
+        fn = actor.fn
+        if not self._specs.get(actor.actor_name) or getattr(fn, "_taskthrottle_guarded", False):
+            return
+
+        @functools.wraps(fn)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            while True:
+                try:
+                    return fn(*args, **kwargs)
+                except BreakerOpen as exc:
+                    self._refused_in_body(exc)
+
+        body._taskthrottle_guarded = True  # type: ignore[attr-defined]
+        actor.fn = body
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         """Book the message's turn; run it now under its lease, or defer it and skip."""
@@ -127,6 +157,7 @@ class ThrottleMiddleware(Middleware):
         throttles = self._specs.get(actor.actor_name)
         if throttles is None:
             throttles = self._specs[actor.actor_name] = _throttles_of(actor)
+            self._guard(actor)
         if not throttles:
             return
         try:
@@ -196,6 +227,8 @@ class ThrottleMiddleware(Middleware):
                 self._skipping.skip(message.message_id)
                 raise SkipMessage("taskthrottle: delivered again")
             if not isinstance(turn, Defer):
+                if turn is not None:
+                    self._held.context = (broker, message, ask, turn_meta, attempt, maker)
                 return turn
             self._defer(broker, message, turn, maker)
             # The broker refused the copy: Retries would need the same broker, and a skip
@@ -271,7 +304,31 @@ class ThrottleMiddleware(Middleware):
             return False
         return True
 
+    def _refused_in_body(self, exc: BreakerOpen) -> None:
+        """A breaker refused a call of the running actor (it opened after the gate let the
+        message in): hand the message back like a throttled one, its lease given back
+        (raises SkipMessage). Returns after waiting when the broker refused the copy, for
+        the body to run again under the same lease; re-raises outside a gated message."""
+        held = getattr(self._held, "lease", None)
+        context = getattr(self._held, "context", None)
+        if held is None or context is None or context[1].message_id != held[0]:
+            raise exc
+        broker, message, ask, meta, attempt, maker = context
+        turn = refused(self.state, ask, meta, attempt, exc)
+        try:
+            self._defer(broker, message, turn, maker)
+        except SkipMessage:
+            give_back(held[1])
+            raise
+        log.warning(
+            "taskthrottle: could not hand message %s back; holding it %.1f s in this worker",
+            message.message_id,
+            turn.wait,
+        )
+        time.sleep(turn.wait)
+
     def _settle(self, message: Any, *, failed: bool) -> None:
+        self._held.context = None
         held = getattr(self._held, "lease", None)
         if held is None or held[0] != message.message_id:
             return
@@ -378,7 +435,8 @@ def _throttles_of(actor: Any) -> tuple[Throttle, ...]:
     if option:
         limits = option.pop("limits", ())  # Limit objects, for what keywords cannot say
         key, consume = option.pop("key", None), option.pop("consume", None)
-        spec = throttle_spec(tuple(limits), key, consume, option)
+        breaker = option.pop("breaker", None)
+        spec = throttle_spec(tuple(limits), key, consume, option, breaker)
         check_key_fields(spec, actor.fn)
         found = (*found, spec)
     return found

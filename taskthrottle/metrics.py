@@ -8,6 +8,8 @@
 `Limiter` reports to any object with the three methods of `Metrics`; `PrometheusMetrics`
 (``pip install 'taskthrottle[prometheus]'``) keeps them as Prometheus counters and a
 histogram. Keys are never labels: a key per tenant would make a series per tenant.
+A `Breaker` reports to its limiter's metrics too, when they have the methods of
+`BreakerMetrics` (breaker names are labels: there are a handful).
 """
 
 from __future__ import annotations
@@ -37,13 +39,27 @@ class Metrics(Protocol):
         """The store failed to answer a request."""
 
 
+class BreakerMetrics(Protocol):
+    """What a `Breaker` reports, to its limiter's metrics when they have these methods."""
+
+    def breaker_changed(self, breaker: str, state: str) -> None:
+        """Breaker ``breaker`` moved to ``state`` ("closed", "open" or "half-open"); each
+        transition is reported once, by the process whose call made it."""
+
+    def breaker_refused(self, breaker: str) -> None:
+        """Breaker ``breaker`` refused a call (`BreakerOpen`)."""
+
+
 class PrometheusMetrics:
     """`Metrics` as Prometheus series, registered in ``registry`` (the default one if None):
 
     - ``<prefix>_requests_total{outcome}``: "granted" (now), "delayed" (a reservation whose
       turn is ahead), "throttled" or "failed";
     - ``<prefix>_refusals_total{limit}``: the limits that refused, by name;
-    - ``<prefix>_delay_seconds``: how far ahead granted turns were.
+    - ``<prefix>_delay_seconds``: how far ahead granted turns were;
+    - ``<prefix>_breaker_transitions_total{breaker,state}``: breaker transitions, each
+      counted once across the fleet (by the process that made it);
+    - ``<prefix>_breaker_refusals_total{breaker}``: calls refused by a breaker.
 
     In Celery's prefork pool each worker process counts for itself: run the worker with
     ``PROMETHEUS_MULTIPROC_DIR`` set, as prometheus_client's multiprocess mode describes.
@@ -70,6 +86,18 @@ class PrometheusMetrics:
             buckets=DELAY_BUCKETS,
             **where,
         )
+        self.transitions = prom.Counter(
+            f"{prefix}_breaker_transitions",
+            "Circuit breaker transitions, by breaker and new state.",
+            ["breaker", "state"],
+            **where,
+        )
+        self.breaker_refusals = prom.Counter(
+            f"{prefix}_breaker_refusals",
+            "Calls refused by a circuit breaker.",
+            ["breaker"],
+            **where,
+        )
         outcomes = ("granted", "delayed", "throttled", "failed")
         self._outcomes = {outcome: self.requests.labels(outcome) for outcome in outcomes}
 
@@ -87,3 +115,11 @@ class PrometheusMetrics:
     def failed(self, exc: StoreError) -> None:
         """Count a store failure."""
         self._outcomes["failed"].inc()
+
+    def breaker_changed(self, breaker: str, state: str) -> None:
+        """Count a breaker transition."""
+        self.transitions.labels(breaker, state).inc()
+
+    def breaker_refused(self, breaker: str) -> None:
+        """Count a call a breaker refused."""
+        self.breaker_refusals.labels(breaker).inc()

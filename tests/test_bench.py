@@ -33,7 +33,12 @@ def test_acquire_benchmark_runs(redis_url: str, tmp_path: Path) -> None:
         timeout=120,
     )
     text = output.read_text()
-    for case in ("floor: bare EVALSHA", "RedisStore acquire, 2 limits", "MemoryStore acquire"):
+    for case in (
+        "floor: bare EVALSHA",
+        "RedisStore acquire, 2 limits, consume given",
+        "MemoryStore acquire",
+        "Paired comparisons",
+    ):
         assert case in text
     assert "redis-server" in text
 
@@ -98,3 +103,67 @@ def test_dramatiq_benchmark_runs(redis_url: str, tmp_path: Path) -> None:
     text = output.read_text()
     assert "| taskthrottle ThrottleMiddleware | 10 | 10 |" in text
     assert "dramatiq BucketRateLimiter + Retries" in text
+
+
+def test_hammer_benchmark_runs(redis_url: str, tmp_path: Path) -> None:
+    """bench.bench_hammer runs every contender and writes its section."""
+    output = tmp_path / "benchmarks.md"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_hammer",
+            "--redis",
+            redis_url,
+            "--processes",
+            "2",
+            "--seconds",
+            "0.3",
+            "--rounds",
+            "1",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    text = output.read_text()
+    for case in ("| taskthrottle |", "| floor: bare EVALSHA"):
+        assert case in text
+    rows = re.findall(r"^\| taskthrottle \| ([\d,]+) \| ([\d,]+) \|$", text, re.M)
+    assert rows and int(rows[0][0].replace(",", "")) > 0
+
+
+def test_pushback_benchmark_runs(redis_url: str, tmp_path: Path) -> None:
+    """bench.bench_pushback runs with and without pushback and writes its table; with
+    pushback the provider answers fewer 429s (the figures themselves are the script's)."""
+    output = tmp_path / "benchmarks.md"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_pushback",
+            "--redis",
+            redis_url,
+            "--rate",
+            "40",
+            "--jobs",
+            "100",
+            "--threads",
+            "16",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    text = output.read_text()
+    rows = dict(
+        re.findall(r"^\| (with(?:out)? pushback)[^|]* \| 100 \| \d+ \| (\d+) \|", text, re.M)
+    )
+    assert set(rows) == {"with pushback", "without pushback"}, text
+    assert int(rows["with pushback"]) < int(rows["without pushback"])

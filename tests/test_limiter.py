@@ -22,7 +22,12 @@ def unchanged(limiter: Limiter) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        (("k", [rpm]), {"consume": {"rpx": 1}}, InvalidInput, "unknown limits \\[\"'rpx'\"\\]"),
+        (
+            ("k", [rpm]),
+            {"consume": {"rpx": 1}},
+            InvalidInput,
+            "not have: 'rpx' \\(its limits: rpm\\)",
+        ),
         (("k", [rpm, tpm]), {"consume": {"tpm": 0}}, InvalidInput, "consume\\['tpm'\\].* 0"),
         (("k", [rpm, tpm]), {"consume": {"tpm": -5}}, InvalidInput, "-5"),
         (("k", [rpm, tpm]), {"consume": {"tpm": math.nan}}, InvalidInput, "nan"),

@@ -7,12 +7,35 @@ import sys
 
 import taskthrottle
 
+#: Public, but not in __all__: they need the redis extra, and a star import must not.
+REDIS_STORES = ("AsyncRedisStore", "RedisStore")
+
 
 def test_all_is_sorted_and_complete() -> None:
-    """__all__ lists every public name once, in order, and each one resolves."""
+    """__all__ lists every public name once, in order, and each one resolves; so do the
+    Redis stores, which it leaves out."""
     assert taskthrottle.__all__ == sorted(set(taskthrottle.__all__))
-    for name in taskthrottle.__all__:
+    for name in [*taskthrottle.__all__, *REDIS_STORES]:
         assert getattr(taskthrottle, name) is not None
+    assert not set(REDIS_STORES) & set(taskthrottle.__all__)
+
+
+def test_star_import_needs_no_extra() -> None:
+    """`from taskthrottle import *` works without redis-py, and imports no optional
+    dependency; the Redis stores stay importable by name."""
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from taskthrottle import *\n"
+        "assert Limiter and MemoryStore and throttled\n"
+        "print(sorted(m for m in ('celery', 'dramatiq', 'prometheus_client', 'hiredis')"
+        " if sys.modules.get(m)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    from taskthrottle import AsyncRedisStore, RedisStore
+
+    assert RedisStore.__name__ == "RedisStore"
+    assert AsyncRedisStore.__name__ == "AsyncRedisStore"
 
 
 def test_importing_the_core_loads_no_optional_dependency() -> None:

@@ -21,9 +21,17 @@ from celery.exceptions import Ignore, Reject
 from kombu.serialization import dumps, loads, prepare_accept_content
 
 from taskthrottle._deferrals import Unreadable
-from taskthrottle._exceptions import InvalidInput, StoreError, Throttled
+from taskthrottle._exceptions import BreakerOpen, InvalidInput, StoreError, Throttled
 from taskthrottle._lease import Lease
-from taskthrottle._settings import Defer, State, book_turn, settle, take_over
+from taskthrottle._settings import (
+    Defer,
+    State,
+    book_turn,
+    give_back,
+    refused,
+    settle,
+    take_over,
+)
 from taskthrottle._throttle import Request, lease_scope, plan, throttles_of
 
 log = logging.getLogger("taskthrottle.celery")
@@ -54,13 +62,45 @@ def gated_call(task: Task, *args: Any, **kwargs: Any) -> Any:
     if lease is None:
         return _body(task, args, kwargs)
     with lease_scope(lease):
-        try:
-            result = _body(task, args, kwargs)
-        except BaseException:
-            settle(lease, state.settings, failed=True)
-            raise
+        while True:
+            try:
+                result = _body(task, args, kwargs)
+            except BreakerOpen as exc:
+                if task.request.is_eager:
+                    settle(lease, state.settings, failed=True)
+                    raise
+                _refused_in_body(task, state, ask, lease, exc)
+                continue  # held here, as it could not be handed back: run it again
+            except BaseException:
+                settle(lease, state.settings, failed=True)
+                raise
+            break
     settle(lease, state.settings, failed=False)
     return result
+
+
+def _refused_in_body(
+    task: Task, state: State, ask: Request, lease: Lease, exc: BreakerOpen
+) -> None:
+    """A breaker refused a call of the body (it opened after the gate let the task in):
+    the task is handed back like a throttled one, its lease given back, never failed nor
+    counted as a retry (raises Ignore). Returns after waiting when it could not be handed
+    back, for the body to run again under the same lease."""
+    meta = meta_of(task.request)
+    turn = refused(state, ask, meta, task.request.retries or 0, exc)
+    try:
+        _defer(task, state, turn, meta.get("token"))
+    except (Ignore, Reject):
+        give_back(lease)
+        settle(lease, state.settings, failed=False)  # its probe permits, if any
+        raise
+    log.warning(
+        "taskthrottle: could not hand %s[%s] back; holding it %.1f s in this worker",
+        task.name,
+        task.request.id,
+        turn.wait,
+    )
+    time.sleep(turn.wait)
 
 
 def _body(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -30,8 +30,10 @@ for j = 5, #ARGV do
 end
 local n = #specs / 4
 if n == 0 then return error('taskthrottle: no entries') end
-fields[2 * n + 1] = 'x'
+fields[2 * n + 1], fields[2 * n + 2] = 'x', 'p'
 local stored = redis.call('HMGET', hash, unpack(fields))
+-- A pushback (pushback.lua) adds its hold to every bucket's wait.
+local held = (tonumber(stored[2 * n + 2]) or 0) - now
 
 -- set: the new state, as HSET takes it; ttl: when the last bucket is full again;
 -- refused: the index and wait of each bucket that refuses.
@@ -52,12 +54,15 @@ for j = 1, n do
   end
   if used <= 0 then debit, anchor, used = 0, now, 0 end
   local elapsed = now > anchor and now - anchor or 0
+  local wait = held
   if used + amount > cap then
     -- the time until debit - cap + amount millitokens have refilled
     local needed = debit - cap + amount
     local periods = floor(needed / refill)
-    local wait = periods * period + math.ceil((needed - periods * refill) * period / refill)
-      - elapsed
+    wait = max(wait, periods * period + math.ceil((needed - periods * refill) * period / refill)
+      - elapsed)
+  end
+  if wait > 0 then
     delay = max(delay, wait)
     if wait > max_wait then refused[#refused + 1], refused[#refused + 2] = j, wait end
   end

@@ -27,7 +27,8 @@ end
 
 -- Milliseconds until `amount` fits. Mirrors bucket_wait of _algorithms.py.
 local function bucket_wait(debit, anchor, used, now, cap, refill, period, amount)
-  if used + amount <= cap then return 0 end
+  -- A full bucket (no state): 0, as in Python; only a settle asks with amount > cap.
+  if not debit or used + amount <= cap then return 0 end
   return refill_time(debit - cap + amount, refill, period) - max(0, now - anchor)
 end
 
@@ -39,9 +40,10 @@ end
 
 -- FIELD and FIELD2: the hash fields of a bucket or quota. VALUE and SINCE: its stored
 -- state (a bucket's debit and anchor, a quota's use and window; nil when none), brought
--- to now by `look`. USED: what the entry holds now.
+-- to now by `look`. USED: what the entry holds now. HELD: until when (ms) a pushback
+-- holds off the entry's key (the hash's field "p", see pushback.lua), 0 when none.
 local KEY, KIND, CAP, REFILL, PERIOD, AMOUNT, NAME, FIELD, FIELD2 = 1, 2, 3, 4, 5, 6, 7, 8, 9
-local VALUE, SINCE, USED = 10, 11, 12
+local VALUE, SINCE, USED, HELD = 10, 11, 12, 13
 
 -- The entries ARGV[first..], and the hashes they use, each read with one HMGET: a list of
 -- {key, expiry, entry, entry, ...}.
@@ -52,7 +54,7 @@ local function read_entries(first)
       string.match(ARGV[i], '^(%d+):([012]):(%d+):(%d+):(%d+):(%-?%d+):(.+)$')
     k = tonumber(k)
     local e = {k and k > 1 and KEYS[k], tonumber(kind), tonumber(cap), tonumber(refill),
-      tonumber(period), tonumber(amount), name, false, false, nil, nil, 0}
+      tonumber(period), tonumber(amount), name, false, false, nil, nil, 0, 0}
     if not (e[KEY] and e[CAP] + e[REFILL] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT) then
       return malformed(ARGV[i])
     end
@@ -74,12 +76,14 @@ local function read_entries(first)
     for j = 3, n do
       fields[2 * j - 5], fields[2 * j - 4] = hash[j][FIELD], hash[j][FIELD2]
     end
-    fields[#fields + 1] = 'x'
+    fields[#fields + 1], fields[#fields + 2] = 'x', 'p'
     local values = redis.call('HMGET', hash[1], unpack(fields))
+    local held = tonumber(values[#values]) or 0
     for j = 3, n do
       hash[j][VALUE], hash[j][SINCE] = tonumber(values[2 * j - 5]), tonumber(values[2 * j - 4])
+      hash[j][HELD] = held
     end
-    hash[2] = tonumber(values[#values]) or 0
+    hash[2] = tonumber(values[#values - 1]) or 0
   end
   return entries, hashes
 end
@@ -172,13 +176,14 @@ local function look(e, now, lease, ttl)
   if kind == 0 then
     local debit, anchor, used = bucket_level(e[VALUE], e[SINCE], now, e[REFILL], e[PERIOD])
     e[VALUE], e[SINCE], e[USED] = debit, anchor, used
-    return bucket_wait(debit, anchor, used, now, cap, e[REFILL], e[PERIOD], amount)
+    return max(bucket_wait(debit, anchor, used, now, cap, e[REFILL], e[PERIOD], amount),
+      e[HELD] - now)
   elseif kind == 2 then
     local window = floor(now / e[PERIOD])
     if e[VALUE] and e[SINCE] == window then e[USED] = e[VALUE] end
     e[SINCE] = window
-    if e[USED] + amount <= cap then return 0 end
-    return (window + 1) * e[PERIOD] - now
+    if e[USED] + amount <= cap then return max(0, e[HELD] - now) end
+    return max((window + 1) * e[PERIOD] - now, e[HELD] - now)
   end
   -- An acquire (given a `lease`) forgets the expired leases first, whether it is granted
   -- or refused: invisible, as they no longer count, and a refusal that kept them would

@@ -8,7 +8,8 @@ KEYS[1]     the op: `{ns}:op:a:<lease id>` for an acquire, `{ns}:op:s:<op id>` f
 KEYS[2..]   the keys entries name by index: `{ns}:b:<key>`, a HASH of buckets and
             quotas, two fields each ("b:<name>" = debit_mt and "b@<name>" = anchor_ms for a
             bucket; "q:<name>" = used_mt and "q@<name>" = window index for a quota), and
-            "x" = the hash's expiry (ms), which spares a PEXPIRE on almost every call; and
+            "x" = the hash's expiry (ms), which spares a PEXPIRE on almost every call, and
+            "p" = until when a pushback holds the key off (ms, see pushback.lua); and
             `{ns}:c:<key>`, a ZSET of concurrency slots, member "<name>:<slots_mt>:<lease
             id>", score = expiry (ms), and per name "#<name>", score = -1 - slots_mt held
             (see entries.lua)

@@ -16,7 +16,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 import taskthrottle.celery
-from taskthrottle import Limit, Limiter, RedisStore, current_lease, throttled
+from taskthrottle import Breaker, Limit, Limiter, RedisStore, current_lease, throttled
 
 REDIS = os.environ.get("TT_REDIS", "redis://127.0.0.1:6379/9")
 NS = os.environ.get("TT_NS", "tt-celery")
@@ -250,3 +250,37 @@ def handled(self: object, key: str, n: int, fail: bool = False) -> int:
     if fail:
         raise ValueError(f"handled {key}/{n} fails on purpose")
     return n * 2
+
+
+# The breaker test (tests/integration/test_breakers.py): a callee that fails while the key
+# "<NS>:callee-down" exists, behind a breaker every worker process shares.
+CALLEE = Breaker(
+    "callee",
+    Limiter(RedisStore.from_url(REDIS, namespace=NS)),
+    failure_threshold=3,
+    recovery_timeout=1.0,
+    failure_exceptions=(ConnectionError,),
+)
+
+
+@CALLEE
+def call_callee(n: int) -> int:
+    if _log.exists(f"{NS}:callee-down"):
+        raise ConnectionError("callee down")
+    return n
+
+
+@app.task(bind=True, shared=False, max_retries=100)
+@throttled(rps=100, key="callee", breaker="callee")
+def via_breaker(self: object, n: int) -> int:
+    """Calls the callee; a failed call is retried by the task (a real failure, counted),
+    a call refused by the breaker is the gate's to reschedule (never counted)."""
+    request = self.request  # type: ignore[attr-defined]
+    record("start", request.id, f"retries={request.retries}")
+    try:
+        result = call_callee(n)
+    except ConnectionError as exc:
+        record("failed", request.id)
+        raise self.retry(countdown=0.2, exc=exc) from exc  # type: ignore[attr-defined]
+    record("done", request.id)
+    return result

@@ -17,7 +17,7 @@ from dramatiq.rate_limits.backends import RedisBackend as BarrierBackend
 from dramatiq.results import Results
 from dramatiq.results.backends.redis import RedisBackend
 
-from taskthrottle import Limit, Limiter, RedisStore, current_lease, throttled
+from taskthrottle import Breaker, Limit, Limiter, RedisStore, current_lease, throttled
 from taskthrottle.dramatiq import ThrottleMiddleware
 
 REDIS = os.environ.get("TT_REDIS", "redis://127.0.0.1:6379/9")
@@ -176,3 +176,44 @@ def completed(key: str) -> None:
     """A group's completion callback: records that it ran."""
     message = CurrentMessage.get_current_message()
     record("completed", message.message_id if message else "?", f"key={key}")
+
+
+# The breaker test (tests/integration/test_breakers.py): a callee that fails while the key
+# "<NS>:callee-down" exists, behind a breaker every worker process shares.
+CALLEE = Breaker(
+    "callee",
+    Limiter(RedisStore.from_url(REDIS, namespace=NS)),
+    failure_threshold=3,
+    recovery_timeout=1.0,
+    failure_exceptions=(ConnectionError,),
+)
+
+
+@CALLEE
+def call_callee(n: int) -> int:
+    if _log.exists(f"{NS}:callee-down"):
+        raise ConnectionError("callee down")
+    return n
+
+
+@dramatiq.actor(
+    queue_name=QUEUE,
+    store_results=True,
+    max_retries=100,
+    min_backoff=200,
+    max_backoff=200,
+    throttle={"rps": 100, "key": "callee", "breaker": "callee"},
+)
+def via_breaker(n: int) -> int:
+    """Calls the callee; a failed call is retried by Retries (a real failure, counted), a
+    call refused by the breaker is the middleware's to reschedule (never counted)."""
+    message = CurrentMessage.get_current_message()
+    assert message is not None
+    record("start", message.message_id, f"retries={message.options.get('retries', 0)}")
+    try:
+        result = call_callee(n)
+    except ConnectionError:
+        record("failed", message.message_id)
+        raise
+    record("done", message.message_id)
+    return result

@@ -1,0 +1,152 @@
+"""The circuit breaker's state machine: a pure function of stored fields and time.
+
+`MemoryStore` runs `step`; ``lua/breaker.lua`` mirrors it line for line, and the store
+contract tests hold the two to identical answers. A breaker is a handful of integer
+fields, named as in the Redis hash:
+
+    s            state: CLOSED (also: no fields at all), OPEN or HALF_OPEN
+    u            OPEN: until when (ms); HALF_OPEN: the same value, the round's id
+    p, k, e      HALF_OPEN: probes in flight, successful probes, and when the probes in
+                 flight count as lost (ms): a prober that died frees its slot by itself
+    c<j> f<j> i<j>  CLOSED: calls and failures in slice j of the window, and which slice
+                 of time (now // slice width) it holds; ``SLICES`` slices make the window
+
+Only a call passed while closed (round 0) counts in the window, and only a probe of the
+current round moves half-open: an outcome that arrives late, from an earlier state, is
+dropped. Every transition is made by exactly one operation, which reports it.
+"""
+
+from __future__ import annotations
+
+from taskthrottle._store import (
+    CLOSED,
+    ENTER,
+    FAILURE,
+    HALF_OPEN,
+    OPEN,
+    PEEK,
+    SUCCESS,
+    BreakerReply,
+    BreakerSpec,
+)
+
+#: The window is kept as this many slices: it slides by a tenth of its length.
+SLICES = 10
+#: Stored state outlives what it must remember by this much (ms).
+SLACK_MS = 60_000
+
+Fields = dict[str, int]
+
+
+def window_counts(fields: Fields, now: int, window: int) -> tuple[int, int]:
+    """Calls and failures in the window's live slices."""
+    current = now // -(-window // SLICES)
+    calls = failures = 0
+    for j in range(SLICES):
+        held = fields.get(f"i{j}")
+        if held is not None and held > current - SLICES:
+            calls += fields.get(f"c{j}", 0)
+            failures += fields.get(f"f{j}", 0)
+    return calls, failures
+
+
+def _count(fields: Fields, now: int, window: int, failed: bool) -> None:
+    """Count one call (a failure if ``failed``) in the current slice."""
+    current = now // -(-window // SLICES)
+    j = current % SLICES
+    if fields.get(f"i{j}") != current:
+        fields[f"i{j}"], fields[f"c{j}"], fields[f"f{j}"] = current, 0, 0
+    fields[f"c{j}"] += 1
+    fields[f"f{j}"] += int(failed)
+
+
+def trips(calls: int, failures: int, spec: BreakerSpec) -> bool:
+    """Whether the window's counts open the breaker."""
+    if spec.threshold and failures >= spec.threshold:
+        return True
+    return bool(spec.rate) and calls >= spec.minimum_calls and failures * 1000 >= spec.rate * calls
+
+
+def _open(fields: Fields, now: int, spec: BreakerSpec) -> None:
+    fields.clear()
+    fields["s"], fields["u"] = OPEN, now + spec.recovery
+
+
+def step(
+    fields: Fields, now: int, op: int, probe_round: int, spec: BreakerSpec
+) -> tuple[BreakerReply, bool]:
+    """Apply ``op`` to ``fields`` (in place) at ``now``: the reply, and whether the
+    fields changed (a store then writes them, or drops them when empty)."""
+    state, until = fields.get("s", CLOSED), fields.get("u", 0)
+    changed, dirty = -1, False
+    if state == OPEN and now >= until:
+        state = HALF_OPEN  # the clock's own transition, made by the first to write
+        if op != PEEK:
+            fields["s"], fields["p"], fields["k"], fields["e"] = HALF_OPEN, 0, 0, 0
+            changed, dirty = HALF_OPEN, True
+    lost = fields.get("e", 0)
+    probes = fields.get("p", 0) if now < lost else 0
+    verdict = 1
+    if op in (ENTER, PEEK):
+        if state == OPEN:
+            verdict = 0
+        elif state == HALF_OPEN:
+            verdict = 2 if probes < spec.probes else 0
+            if verdict and op == ENTER:
+                probes += 1
+                fields["p"], fields["e"] = probes, now + spec.probe_timeout
+                lost, dirty = fields["e"], True
+    elif state == CLOSED and probe_round == 0 and op in (SUCCESS, FAILURE):
+        _count(fields, now, spec.window, op == FAILURE)
+        dirty = True
+        if op == FAILURE and trips(*window_counts(fields, now, spec.window), spec):
+            _open(fields, now, spec)
+            state, until, changed = OPEN, fields["u"], OPEN
+    elif state == HALF_OPEN and probe_round == until:
+        probes = max(0, probes - 1)
+        fields["p"], dirty = probes, True
+        if op == SUCCESS:
+            fields["k"] = fields.get("k", 0) + 1
+            if fields["k"] >= spec.successes:
+                fields.clear()
+                state, changed = CLOSED, CLOSED
+        elif op == FAILURE:
+            _open(fields, now, spec)
+            state, until, changed = OPEN, fields["u"], OPEN
+    return _reply(fields, now, state, until, probes, lost, verdict, changed, spec), dirty
+
+
+def _reply(
+    fields: Fields,
+    now: int,
+    state: int,
+    until: int,
+    probes: int,
+    lost: int,
+    verdict: int,
+    changed: int,
+    spec: BreakerSpec,
+) -> BreakerReply:
+    calls = failures = successes = 0
+    wait, round_id = 0, 0
+    if state == CLOSED:
+        calls, failures = window_counts(fields, now, spec.window)
+        probes = 0
+    elif state == OPEN:
+        wait, probes = until - now, 0
+    else:
+        successes, round_id = fields.get("k", 0), until
+        if probes >= spec.probes:
+            wait = max(1, lost - now)
+    return BreakerReply(
+        verdict, wait, state, calls, failures, probes, successes, round_id, changed, now
+    )
+
+
+def ttl(fields: Fields, now: int, spec: BreakerSpec) -> int:
+    """How long (ms) stored fields must live: the window, and an open state's time, its
+    half-open probes' and a window more after it."""
+    if fields.get("s", CLOSED) == CLOSED:
+        return spec.window + SLACK_MS
+    ahead = max(fields.get("u", 0), fields.get("e", 0), now) - now
+    return ahead + spec.probe_timeout + spec.window + SLACK_MS

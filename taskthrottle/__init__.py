@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from taskthrottle._breaker import Breaker, BreakerState
+from taskthrottle._entries import Entry
 from taskthrottle._exceptions import (
     BreakerOpen,
     InvalidInput,
@@ -24,7 +25,7 @@ from taskthrottle._lease import AsyncLease, AsyncReservation, Lease, Reservation
 from taskthrottle._limiter import AsyncLimiter, Limiter
 from taskthrottle._limits import Limit
 from taskthrottle._memory import MemoryStore
-from taskthrottle._store import AsyncStore, Entry, Outcome, Store
+from taskthrottle._store import AsyncStore, Outcome, Store
 from taskthrottle._throttle import Throttle, current_lease, throttled
 
 if TYPE_CHECKING:

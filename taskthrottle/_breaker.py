@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar, cast
 
+from taskthrottle._entries import check_key
 from taskthrottle._exceptions import (
     BreakerOpen,
     InvalidInput,
@@ -25,7 +26,6 @@ from taskthrottle._exceptions import (
     Throttled,
 )
 from taskthrottle._limiter import AsyncLimiter, Limiter
-from taskthrottle._plan import check_key
 from taskthrottle._store import (
     ENTER,
     FAILURE,

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from taskthrottle._exceptions import StoreError
 
@@ -373,17 +373,30 @@ class Releaser:
             self.failing.discard(what)
 
 
+@runtime_checkable
+class Parks(Protocol):
+    """A store that says where the integrations park tasks beside it (`MemoryStore`,
+    `RedisStore`; a store of your own may too)."""
+
+    def deferrals(self, app: str, client: Any = None, namespace: str = "taskthrottle") -> Deferrals:
+        """The deferrals of ``app``: in ``client``'s Redis if given, else beside the store."""
+        ...
+
+
 def deferrals_for(
-    store: Any, client: Any = None, namespace: str = "taskthrottle", app: str = "default"
+    store: object, client: Any = None, namespace: str = "taskthrottle", app: str = "default"
 ) -> Deferrals:
-    """The deferrals that go with a limiter's store: in ``client``'s Redis (the broker's),
-    else beside a `RedisStore`, else in this process's memory; under the store's namespace
-    when it is Redis, else ``namespace``."""
-    codec = getattr(store, "_codec", None)
-    tag = "{" + namespace + "}" if codec is None else codec.tag
-    clock = None if codec is None else codec.clock
+    """The deferrals that go with a limiter's store (see `Parks`); a store that does not
+    say parks in this process's memory, or in ``client``'s Redis, and a WARNING says so."""
+    if isinstance(store, Parks):
+        return store.deferrals(app, client, namespace)
+    where = "this process's memory" if client is None else "the broker's Redis"
+    log.warning(
+        "taskthrottle: %s has no deferrals(): parked tasks of %s live in %s",
+        type(store).__name__,
+        app,
+        where,
+    )
     if client is not None:
-        return RedisDeferrals(client, tag, clock, app)
-    if codec is not None and hasattr(store, "client"):
-        return RedisDeferrals(store.client, tag, clock, app)
-    return MemoryDeferrals(getattr(store, "_clock", time.time))
+        return RedisDeferrals(client, "{" + namespace + "}", None, app)
+    return MemoryDeferrals()

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from taskthrottle._entries import CONCURRENCY, Entry, milli_amount
 from taskthrottle._exceptions import InvalidInput
 from taskthrottle._limits import MAX_EXACT
-from taskthrottle._plan import milli_amount
-from taskthrottle._store import CONCURRENCY, AsyncStore, Entry, Store
+from taskthrottle._store import AsyncStore, Store
 
 if TYPE_CHECKING:
     from taskthrottle._renewal import Renewer

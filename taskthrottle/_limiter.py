@@ -9,6 +9,18 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from taskthrottle._algorithms import refill_time
+from taskthrottle._entries import (
+    BUCKET,
+    CONCURRENCY,
+    QUOTA,
+    Consume,
+    Entry,
+    Target,
+    check_key,
+    entries,
+    milli_amount,
+    new_id,
+)
 from taskthrottle._exceptions import (
     InvalidInput,
     InvalidType,
@@ -30,22 +42,11 @@ from taskthrottle._outage import (
     check_policy,
     local_share_of,
 )
-from taskthrottle._plan import Consume, Target, check_key, entries, milli_amount, new_id
 from taskthrottle._renewal import Renewer
-from taskthrottle._store import (
-    BUCKET,
-    CONCURRENCY,
-    QUOTA,
-    AsyncStore,
-    BreakerReply,
-    BreakerSpec,
-    Entry,
-    Outcome,
-    Store,
-)
+from taskthrottle._store import AsyncStore, BreakerReply, BreakerSpec, Outcome, Store
 
 if TYPE_CHECKING:
-    from taskthrottle.metrics import Metrics
+    from taskthrottle._reports import Metrics
 
 log = logging.getLogger("taskthrottle")
 

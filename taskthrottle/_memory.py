@@ -19,20 +19,16 @@ from typing import Any
 
 from taskthrottle import _algorithms as alg
 from taskthrottle import _circuit
+from taskthrottle._deferrals import Deferrals, MemoryDeferrals, RedisDeferrals
+from taskthrottle._entries import BUCKET, CONCURRENCY, QUOTA, Entry
 from taskthrottle._store import (
-    BUCKET,
-    CONCURRENCY,
-    QUOTA,
+    OP_MEMORY_MS,
     BreakerReply,
     BreakerSpec,
-    Entry,
     Outcome,
     check_renew_ttl,
 )
 
-#: How long (ms) a granted lease id or a settle id is remembered after its turn, making a
-#: repeat a no-op.
-OP_MEMORY_MS = 60_000
 #: At most this many ids are remembered in memory; past it the half whose memory ends
 #: soonest is forgotten.
 MAX_REMEMBERED = 100_000
@@ -506,3 +502,10 @@ class MemoryStore:
         """See `taskthrottle.Store.reset_breaker`."""
         with self._breakers_lock:
             self._breakers.pop(name, None)
+
+    def deferrals(self, app: str, client: Any = None, namespace: str = "taskthrottle") -> Deferrals:
+        """Where the integrations park tasks of ``app``: in ``client``'s Redis (the broker's)
+        under ``namespace``, else in this process, on this store's clock."""
+        if client is not None:
+            return RedisDeferrals(client, "{" + namespace + "}", None, app)
+        return MemoryDeferrals(self._clock)

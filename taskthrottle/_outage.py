@@ -16,16 +16,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
+from taskthrottle._entries import CONCURRENCY, Entry
 from taskthrottle._exceptions import InvalidInput, StoreError
-from taskthrottle._store import (
-    CONCURRENCY,
-    AsyncStore,
-    BreakerReply,
-    BreakerSpec,
-    Entry,
-    Outcome,
-    Store,
-)
+from taskthrottle._store import AsyncStore, BreakerReply, BreakerSpec, Outcome, Store
 
 log = logging.getLogger("taskthrottle")
 

@@ -43,14 +43,12 @@ from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
 from taskthrottle._algorithms import SLOTS_READ  # noqa: E402
-from taskthrottle._memory import OP_MEMORY_MS  # noqa: E402
-from taskthrottle._plan import MAX_SHAPES, Shape  # noqa: E402
+from taskthrottle._deferrals import Deferrals, RedisDeferrals  # noqa: E402
+from taskthrottle._entries import BUCKET, CONCURRENCY, MAX_SHAPES, Entry, Shape  # noqa: E402
 from taskthrottle._store import (  # noqa: E402
-    BUCKET,
-    CONCURRENCY,
+    OP_MEMORY_MS,
     BreakerReply,
     BreakerSpec,
-    Entry,
     Outcome,
     check_renew_ttl,
 )
@@ -556,6 +554,13 @@ class RedisStore:
     def reset_breaker(self, name: str) -> None:
         """See `taskthrottle.Store.reset_breaker`."""
         self._call(f"reset of breaker {name!r}", self.client.delete, self._codec.breaker_key(name))
+
+    def deferrals(self, app: str, client: Any = None, namespace: str = "taskthrottle") -> Deferrals:
+        """Where the integrations park tasks of ``app``: in ``client``'s Redis (the broker's)
+        if given, else in this store's; under this store's namespace (not ``namespace``) and
+        on its clock."""
+        chosen = self.client if client is None else client
+        return RedisDeferrals(chosen, self._codec.tag, self._codec.clock, app)
 
 
 class AsyncRedisStore:

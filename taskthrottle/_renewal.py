@@ -10,8 +10,9 @@ import time
 import weakref
 from collections.abc import Sequence
 
+from taskthrottle._entries import Entry
 from taskthrottle._exceptions import StoreError
-from taskthrottle._store import Entry, Store
+from taskthrottle._store import Store
 
 log = logging.getLogger("taskthrottle")
 

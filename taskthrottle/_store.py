@@ -10,33 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from taskthrottle._entries import Entry
 from taskthrottle._exceptions import InvalidInput
 from taskthrottle._limits import MAX_EXACT
 
-#: Entry kinds, as sent to a store.
-BUCKET, CONCURRENCY, QUOTA = 0, 1, 2
+#: How long (ms) every store remembers a granted lease id or a settle id after its turn,
+#: making a repeat a no-op (the Lua scripts get it from `_redis.Script`).
+OP_MEMORY_MS = 60_000
 
 #: Breaker operations (see `Store.breaker`): ask to pass, report an outcome, or read.
 ENTER, SUCCESS, FAILURE, IGNORE, PEEK = 0, 1, 2, 3, 4
 #: Breaker states, as stores keep them.
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
-
-
-class Entry(NamedTuple):
-    """One limit under one key, and the millitokens an operation charges it.
-
-    ``cap`` is the capacity in millitokens; a bucket refills ``refill``
-    millitokens every ``period`` milliseconds; a quota resets every ``period``
-    milliseconds of UTC time.
-    """
-
-    key: str
-    name: str
-    kind: int
-    cap: int
-    refill: int
-    period: int
-    amount: int
 
 
 class Outcome(NamedTuple):

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from taskthrottle._entries import milli_amount
 from taskthrottle._exceptions import InvalidInput, InvalidType
 from taskthrottle._lease import Lease
 from taskthrottle._limits import Limit
-from taskthrottle._plan import milli_amount
 
 F = TypeVar("F")
 KeySpec = str | Callable[..., str]
@@ -284,11 +284,22 @@ def current_lease() -> Lease | None:
     return _current.get()
 
 
+def enter_lease(lease: Lease) -> contextvars.Token[Lease | None]:
+    """Make ``lease`` the `current_lease` until `leave_lease` is given the returned token:
+    for a middleware whose body runs between two hooks."""
+    return _current.set(lease)
+
+
+def leave_lease(token: contextvars.Token[Lease | None]) -> None:
+    """Undo the `enter_lease` that returned ``token``."""
+    _current.reset(token)
+
+
 @contextmanager
 def lease_scope(lease: Lease) -> Iterator[Lease]:
     """Make ``lease`` the `current_lease` for the duration of a task body."""
-    token = _current.set(lease)
+    token = enter_lease(lease)
     try:
         yield lease
     finally:
-        _current.reset(token)
+        leave_lease(token)

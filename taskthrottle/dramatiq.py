@@ -26,23 +26,16 @@ from typing import Any
 
 from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser, Unreadable
 from taskthrottle._exceptions import BreakerOpen, InvalidInput, StoreError, require
+from taskthrottle._gate import Defer, book_turn, give_back, refused, settle, take_over
 from taskthrottle._lease import Lease
 from taskthrottle._limiter import Limiter
-from taskthrottle._settings import (
-    Defer,
-    Settings,
-    State,
-    book_turn,
-    give_back,
-    refused,
-    settle,
-    take_over,
-)
+from taskthrottle._settings import Settings, State
 from taskthrottle._throttle import (
     Request,
     Throttle,
-    _current,
     check_key_fields,
+    enter_lease,
+    leave_lease,
     plan,
     throttle_spec,
     throttles_of,
@@ -169,7 +162,7 @@ class ThrottleMiddleware(Middleware):
             # Dramatiq would log any other exception and run the actor anyway, unthrottled.
             raise DeferFailed(f"could not throttle message {message.message_id}: {exc}") from exc
         if lease is not None:
-            self._held.lease = (message.message_id, lease, _current.set(lease))
+            self._held.lease = (message.message_id, lease, enter_lease(lease))
 
     def after_process_message(
         self,
@@ -334,7 +327,7 @@ class ThrottleMiddleware(Middleware):
             return
         del self._held.lease
         _, lease, token = held
-        _current.reset(token)
+        leave_lease(token)
         settle(lease, self.state.settings, failed=failed)
 
     def _release_loop(self, broker: Any) -> None:

@@ -14,9 +14,12 @@ A `Breaker` reports to its limiter's metrics too, when they have the methods of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from taskthrottle._exceptions import InvalidInput, StoreError, Throttled, require
+from taskthrottle._reports import BreakerMetrics, Metrics
+
+__all__ = ["BreakerMetrics", "Metrics", "PrometheusMetrics"]
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -24,30 +27,6 @@ if TYPE_CHECKING:
 #: Upper bounds (seconds) of the delay histogram: from a near-immediate turn to the
 #: integrations' default reservation horizon.
 DELAY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-class Metrics(Protocol):
-    """What a `Limiter` reports of each acquire and reservation, when given one."""
-
-    def granted(self, delay: float) -> None:
-        """A request was granted, its turn ``delay`` seconds away (0.0: now)."""
-
-    def throttled(self, exc: Throttled) -> None:
-        """A request was refused with ``exc``; nothing was charged."""
-
-    def failed(self, exc: StoreError) -> None:
-        """The store failed to answer a request."""
-
-
-class BreakerMetrics(Protocol):
-    """What a `Breaker` reports, to its limiter's metrics when they have these methods."""
-
-    def breaker_changed(self, breaker: str, state: str) -> None:
-        """Breaker ``breaker`` moved to ``state`` ("closed", "open" or "half-open"); each
-        transition is reported once, by the process whose call made it."""
-
-    def breaker_refused(self, breaker: str) -> None:
-        """Breaker ``breaker`` refused a call (`BreakerOpen`)."""
 
 
 class PrometheusMetrics:

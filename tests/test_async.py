@@ -16,7 +16,7 @@ from taskthrottle import (
     MemoryStore,
     Throttled,
 )
-from taskthrottle._plan import entries
+from taskthrottle._entries import entries
 from taskthrottle.testing import ManualClock
 
 rpm = Limit.per_minute("rpm", 60)

@@ -7,7 +7,8 @@ import pytest
 
 from taskthrottle import Breaker, BreakerOpen, InvalidInput, Limit, Limiter, MemoryStore
 from taskthrottle._breaker import _permits
-from taskthrottle._settings import Defer, Settings, State, book_turn, settle
+from taskthrottle._gate import Defer, book_turn, settle
+from taskthrottle._settings import Settings, State
 from taskthrottle._throttle import Request, lease_scope, plan, throttled
 from taskthrottle.testing import ManualClock
 

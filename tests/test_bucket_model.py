@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from taskthrottle._algorithms import BucketState, bucket_add, bucket_level, bucket_wait
-from taskthrottle._store import BUCKET, CONCURRENCY, Entry, Store
+from taskthrottle._entries import BUCKET, CONCURRENCY, Entry
+from taskthrottle._store import Store
 from taskthrottle.testing import ManualClock
 
 #: (capacity, refill, period): millitokens, millitokens per period, milliseconds.

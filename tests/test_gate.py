@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from taskthrottle import Limit, Limiter, MemoryStore
-from taskthrottle._settings import Defer, Settings, State, book_turn
+from taskthrottle._gate import Defer, book_turn
+from taskthrottle._settings import Settings, State
 from taskthrottle._throttle import Request
 
 rph = Limit.per_hour("rph", 2)

@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from taskthrottle import Limit, Limiter, MemoryStore, Throttled, _memory
+from taskthrottle._entries import Entry, entries
 from taskthrottle._memory import MAX_REMEMBERED
-from taskthrottle._plan import entries
-from taskthrottle._store import Entry
 from taskthrottle.testing import ManualClock
 
 rps = Limit.per_second("rps", 10)

@@ -24,9 +24,8 @@ from taskthrottle import (
     StoreError,
     Throttled,
 )
-from taskthrottle._plan import entries
+from taskthrottle._entries import BUCKET, CONCURRENCY, Entry, entries
 from taskthrottle._redis import ACQUIRE, BUCKETS, PEEK, SETTLE, Script, redact
-from taskthrottle._store import BUCKET, CONCURRENCY, Entry
 from taskthrottle.testing import DEFAULT_START
 from tests.faults.servers import RedisServer
 

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from taskthrottle import InvalidInput, Limit, Limiter, MemoryStore, Throttled
-from taskthrottle._store import Entry, Store
+from taskthrottle._entries import Entry
+from taskthrottle._store import Store
 from taskthrottle.testing import ManualClock
 from tests.helpers import wait_for
 

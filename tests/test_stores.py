@@ -17,8 +17,8 @@ from taskthrottle import (
     Violation,
 )
 from taskthrottle._algorithms import SLOTS_READ
-from taskthrottle._plan import Target, entries
-from taskthrottle._store import CONCURRENCY, Entry, Store
+from taskthrottle._entries import CONCURRENCY, Entry, Target, entries
+from taskthrottle._store import Store
 from taskthrottle.testing import DEFAULT_START, ManualClock
 
 rpm = Limit.per_minute("rpm", 60)

@@ -22,16 +22,9 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 
 from taskthrottle._deferrals import Unreadable
 from taskthrottle._exceptions import BreakerOpen, InvalidInput, StoreError, Throttled
+from taskthrottle._gate import Defer, book_turn, give_back, refused, settle, take_over
 from taskthrottle._lease import Lease
-from taskthrottle._settings import (
-    Defer,
-    State,
-    book_turn,
-    give_back,
-    refused,
-    settle,
-    take_over,
-)
+from taskthrottle._settings import State
 from taskthrottle._throttle import Request, lease_scope, plan, throttles_of
 
 log = logging.getLogger("taskthrottle.celery")

@@ -1,4 +1,5 @@
-"""Turning a caller's request into store entries, refusing bad input before anything changes."""
+"""A request as store entries: the model the limiter and the stores speak (`Entry`, its kinds),
+and the checks that turn a caller's request into entries before anything changes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,31 @@ import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from taskthrottle._exceptions import InvalidInput, InvalidType, RequestTooLarge
 from taskthrottle._limits import MAX_EXACT, Limit
-from taskthrottle._store import BUCKET, CONCURRENCY, QUOTA, Entry
+
+#: Entry kinds, as sent to a store.
+BUCKET, CONCURRENCY, QUOTA = 0, 1, 2
+
+
+class Entry(NamedTuple):
+    """One limit under one key, and the millitokens an operation charges it.
+
+    ``cap`` is the capacity in millitokens; a bucket refills ``refill``
+    millitokens every ``period`` milliseconds; a quota resets every ``period``
+    milliseconds of UTC time.
+    """
+
+    key: str
+    name: str
+    kind: int
+    cap: int
+    refill: int
+    period: int
+    amount: int
+
 
 KeyLimits = Mapping[str, Sequence[Limit]]
 Target = str | KeyLimits

@@ -18,6 +18,8 @@ dropped. Every transition is made by exactly one operation, which reports it.
 
 from __future__ import annotations
 
+import threading
+
 from taskthrottle._store import (
     CLOSED,
     ENTER,
@@ -150,3 +152,33 @@ def ttl(fields: Fields, now: int, spec: BreakerSpec) -> int:
         return spec.window + SLACK_MS
     ahead = max(fields.get("u", 0), fields.get("e", 0), now) - now
     return ahead + spec.probe_timeout + spec.window + SLACK_MS
+
+
+class Breakers:
+    """The breakers of one process, by name: `step` under a lock, each breaker dropped
+    when its state expires, as its Redis hash would (`MemoryStore`'s breakers)."""
+
+    def __init__(self) -> None:
+        self._fields: dict[str, tuple[Fields, int]] = {}  # name -> (fields, expiry ms)
+        self._lock = threading.Lock()
+
+    def step(
+        self, name: str, now: int, op: int, probe_round: int, spec: BreakerSpec
+    ) -> BreakerReply:
+        """`step` on breaker ``name``'s state, kept when it changed."""
+        with self._lock:
+            fields, expires = self._fields.get(name, ({}, 0))
+            if expires <= now:
+                fields = {}
+            reply, dirty = step(fields, now, op, probe_round, spec)
+            if dirty:
+                if fields:
+                    self._fields[name] = fields, now + ttl(fields, now, spec)
+                else:
+                    self._fields.pop(name, None)
+        return reply
+
+    def reset(self, name: str) -> None:
+        """Forget breaker ``name``: it is closed, its window empty."""
+        with self._lock:
+            self._fields.pop(name, None)

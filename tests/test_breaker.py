@@ -199,7 +199,7 @@ class TestSharedState:
             assert store.client.exists(store._codec.breaker_key(breaker.name)) == 0
         else:
             assert isinstance(store, MemoryStore)
-            assert breaker.name not in store._breakers
+            assert breaker.name not in store._breakers._fields
 
     def test_lost_state_is_closed_and_stays_closed(self, make: Any) -> None:
         """A store that lost an open breaker's state (reset here) has it closed, with an

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "taskthrottle"
 
 LAYERS = {
     "model": {"_exceptions", "_limits", "_algorithms", "_entries", "headers"},
-    "stores": {"_store", "_circuit", "_deferrals", "_memory", "_redis"},
+    "stores": {"_store", "_circuit", "_deferrals", "_memory", "_memory_keys", "_redis"},
     "limiter": {"_reports", "_renewal", "_outage", "_lease", "_limiter", "_throttle", "_breaker"},
     "integrations": {"_settings", "_gate", "celery", "celery._gate", "celery._release", "dramatiq"},
     "face": {"", "__main__", "cli", "metrics", "testing", "tenacity"},

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from taskthrottle import Limit, Limiter, MemoryStore, Throttled, _memory
+from taskthrottle import Limit, Limiter, MemoryStore, Throttled, _memory_keys
 from taskthrottle._entries import Entry, entries
-from taskthrottle._memory import MAX_REMEMBERED
+from taskthrottle._memory_keys import MAX_REMEMBERED
 from taskthrottle.testing import ManualClock
 
 rps = Limit.per_second("rps", 10)
@@ -54,7 +54,7 @@ def test_bounded_memory_forgets_bookings_ahead_last(
 ) -> None:
     """Past the bound, the ids whose turns came first are forgotten: a reservation booked
     ahead outlives ids granted after it for now, and is still replayed at its turn."""
-    monkeypatch.setattr(_memory, "MAX_REMEMBERED", 100)
+    monkeypatch.setattr(_memory_keys, "MAX_REMEMBERED", 100)
     store = MemoryStore(clock=clock)
     slow = entries("k", [Limit.parse("slow", "1/200s")], None)
     assert store.acquire("first", slow, 0, 60_000).granted

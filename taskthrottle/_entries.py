@@ -60,6 +60,11 @@ class _Ids:
 new_id = _Ids().next
 
 
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__
+#: Whole token amounts below this are exact in millitokens (checked once, here).
+_WHOLE = MAX_EXACT // 1000
+
+
 def milli_amount(value: object, what: str, name: str, *, signed: bool = False) -> int:
     """``value`` in millitokens (rounded to 0.001); only ``signed`` amounts may be zero or
     negative. ``what`` formatted with ``name`` labels the value in errors."""
@@ -183,21 +188,34 @@ def entries(
     target: object, limits: object, consume: Consume | None, *, default: int = 1000
 ) -> list[Entry]:
     """The store entries a request charges: each named limit ``consume[name]``, others
-    ``default`` millitokens (one token)."""
+    ``default`` millitokens (one token). Most calls give ``consume`` (an LLM task's
+    tokens): that path converts each amount once and builds the entries directly."""
     base, names = shape(target, limits)
-    if not consume and default == 1000 and names.fits:
-        return base
-    amounts = check_consume(consume, names) if consume else {}
-    if default != 1000 or amounts:
-        base = [Entry(*e[:6], amounts.get(e.name, default)) for e in base]
-    for e in base:
-        if e.amount > e.cap:
+    if not consume:
+        if default == 1000 and names.fits:
+            return base
+        amounts: Mapping[str, object] = {}
+    elif type(consume) is dict and names.issuperset(consume):
+        amounts = consume  # converted below, as each entry takes its amount
+    else:
+        amounts = check_consume(consume, names)
+    charged = []
+    for key, name, kind, cap, refill, period, _ in base:
+        value = amounts.get(name)
+        if value is None:
+            amount = default
+        elif type(value) is int and 0 < value < _WHOLE:
+            amount = value * 1000
+        else:
+            amount = milli_amount(value, "consume[{!r}]", name)
+        if amount > cap:
             msg = (
-                f"consume {e.amount / 1000:g} of {e.name!r} under key {e.key!r} exceeds "
-                f"its capacity {e.cap / 1000:g}: it could never pass"
+                f"consume {amount / 1000:g} of {name!r} under key {key!r} exceeds "
+                f"its capacity {cap / 1000:g}: it could never pass"
             )
             raise RequestTooLarge(msg)
-    return base
+        charged.append(_new(Entry, (key, name, kind, cap, refill, period, amount)))
+    return charged
 
 
 def check_consume(consume: object, names: frozenset[str]) -> dict[str, int]:

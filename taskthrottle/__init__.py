@@ -25,7 +25,7 @@ from taskthrottle._lease import AsyncLease, AsyncReservation, Lease, Reservation
 from taskthrottle._limiter import AsyncLimiter, Limiter
 from taskthrottle._limits import Limit
 from taskthrottle._memory import MemoryStore
-from taskthrottle._store import AsyncStore, Outcome, Store
+from taskthrottle._store import AsyncStore, BreakerReply, BreakerSpec, Outcome, Store
 from taskthrottle._throttle import Throttle, current_lease, throttled
 
 if TYPE_CHECKING:
@@ -33,15 +33,6 @@ if TYPE_CHECKING:
     from taskthrottle._redis import RedisStore as RedisStore
 
 __version__ = "0.1.0"
-
-# Tracebacks and reprs name the public home of each class, not its private module.
-for _public in (
-    AsyncLease, AsyncLimiter, AsyncReservation, Breaker, BreakerOpen, BreakerState, Entry,
-    InvalidInput, InvalidType, Lease, Limit, Limiter, MemoryStore, MissingDependency, Outcome,
-    RequestTooLarge, Reservation, StoreError, StoreUnavailable, TaskThrottleError, Throttled,
-    Violation,
-):  # fmt: skip
-    _public.__module__ = "taskthrottle"
 
 # What every install has: `from taskthrottle import *` never needs the redis extra. The
 # Redis stores are imported by name (`from taskthrottle import RedisStore`), on first use.
@@ -52,6 +43,8 @@ __all__ = [
     "AsyncStore",
     "Breaker",
     "BreakerOpen",
+    "BreakerReply",
+    "BreakerSpec",
     "BreakerState",
     "Entry",
     "InvalidInput",
@@ -74,6 +67,13 @@ __all__ = [
     "current_lease",
     "throttled",
 ]
+
+# Tracebacks, reprs and pickles name the public home of each name, not its private module
+# (as httpx does): every name of __all__ that a private module defines.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("taskthrottle._"):
+        _obj.__module__ = "taskthrottle"
 
 
 def __getattr__(name: str) -> Any:

@@ -70,8 +70,8 @@ class BreakerState(NamedTuple):
     probes: int
     successes: int
     #: Seconds before a call could pass (0.0: one can now). While open, the time to
-    #: half-open; half-open with every probe slot taken, the time until the probes in
-    #: flight count as lost (a reported probe frees its slot sooner).
+    #: half-open; half-open with every probe slot taken, the time until the first probe
+    #: in flight counts as lost (a reported probe frees its slot sooner).
     retry_after: float
 
 
@@ -144,7 +144,8 @@ class Breaker:
     raises `BreakerOpen` for ``recovery_timeout`` seconds; then half-open, at most
     ``half_open_max_calls`` probes run at once across the fleet, ``success_threshold``
     successful ones close it and a failed one opens it again. A probe not reported within
-    ``probe_timeout`` seconds (default: the recovery timeout) counts as lost.
+    ``probe_timeout`` seconds (default: the recovery timeout) counts as lost: its slot is
+    free again, and its late report changes nothing.
 
     An exception of ``failure_exceptions`` is a failure, unless it is of
     ``ignore_exceptions`` (or a `Throttled`, or not an ``Exception``), which do not count;
@@ -152,8 +153,9 @@ class Breaker:
     ``with breaker:`` / ``async with breaker:``, or through `call` and `acall`.
 
     While the store fails, calls pass and are not counted. ``on_change`` is called with
-    the name and the new state on every transition this process makes; ``@throttled(
-    breaker=name)`` finds the breaker by its name (the latest made in the process).
+    the name and the new state on every transition this process makes (what it raises is
+    logged, never passed on); ``@throttled(breaker=name)`` finds the breaker by its name
+    (the latest made in the process).
     """
 
     def __init__(
@@ -243,22 +245,15 @@ class Breaker:
             )
         else:
             log.info("taskthrottle: breaker %r is %s", self.name, state)
-        metrics = self.limiter.metrics
-        changed = getattr(metrics, "breaker_changed", None)
-        if changed is not None:
-            changed(self.name, state)
-        if self.on_change is not None:
-            self.on_change(self.name, state)
+        _notify(getattr(self.limiter.metrics, "breaker_changed", None), self.name, state)
+        _notify(self.on_change, self.name, state)
 
     def _admit(self, reply: BreakerReply | None) -> int:
         """The round a call passes in, or `BreakerOpen`."""
         if reply is None:
             return UNRECORDED
         if reply.verdict == 0:
-            metrics = self.limiter.metrics
-            refused = getattr(metrics, "breaker_refused", None)
-            if refused is not None:
-                refused(self.name)
+            _notify(getattr(self.limiter.metrics, "breaker_refused", None), self.name)
             raise BreakerOpen(self.name, reply.wait_ms / 1000, STATES[reply.state])
         return reply.round
 
@@ -381,6 +376,17 @@ class Breaker:
             await limiter._guarded.reset_breaker(self.name)
 
 
+def _notify(callback: Callable[..., object] | None, *args: str) -> None:
+    """Call an observer (``on_change``, a metrics method); what it raises is logged, never
+    passed on: the call it observes has passed, or been refused, all the same."""
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("taskthrottle: breaker observer %r failed", callback)
+
+
 def _state_of(name: str, reply: BreakerReply | None) -> BreakerState:
     if reply is None:
         return BreakerState(name, "closed", 0, 0, 0, 0, 0.0)
@@ -414,15 +420,15 @@ def _gate_permit(name: str) -> int | None:
 
 def gate_enter(names: tuple[str, ...], lease: Lease) -> None:
     """Before a throttled task runs under ``lease``: each breaker it names must let a call
-    through, or `BreakerOpen` (every permit taken meanwhile given back). A half-open
-    breaker's probe permit is held for the task's own call."""
+    through, or `BreakerOpen`; on that or any other error, every permit taken meanwhile is
+    given back. A half-open breaker's probe permit is held for the task's own call."""
     held: dict[str, int] = {}
     try:
         for name in names:
             probe_round = breaker_named(name).enter()
             if probe_round > 0:
                 held[name] = probe_round
-    except BreakerOpen:
+    except BaseException:
         _give_back(held)
         raise
     if held:

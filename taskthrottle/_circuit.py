@@ -5,15 +5,21 @@ contract tests hold the two to identical answers. A breaker is a handful of inte
 fields, named as in the Redis hash:
 
     s            state: CLOSED (also: no fields at all), OPEN or HALF_OPEN
-    u            OPEN: until when (ms); HALF_OPEN: the same value, the round's id
-    p, k, e      HALF_OPEN: probes in flight, successful probes, and when the probes in
-                 flight count as lost (ms): a prober that died frees its slot by itself
+    u            OPEN: until when (ms); HALF_OPEN: when it was due to half-open
+    k            HALF_OPEN: successful probes
+    q<id>        HALF_OPEN: a probe in flight, by its id, and when it counts as lost (ms):
+                 each probe has a deadline of its own, and a prober that died frees its
+                 slot by itself ``probe_timeout`` after it was let through
+    n            the latest probe id given out (each id is at least the time it was given,
+                 and above every id before it: kept across states, never reused)
     c<j> f<j> i<j>  CLOSED: calls and failures in slice j of the window, and which slice
                  of time (now // slice width) it holds; ``SLICES`` slices make the window
 
-Only a call passed while closed (round 0) counts in the window, and only a probe of the
-current round moves half-open: an outcome that arrives late, from an earlier state, is
-dropped. Every transition is made by exactly one operation, which reports it.
+Only a call passed while closed (round 0) counts in the window, and only a probe in
+flight (its field still there, its deadline not passed) moves half-open: an outcome that
+arrives late, from an earlier state or from a probe counted as lost, is dropped. So at
+most ``half_open_max_calls`` probes run at once that are not yet lost. Every transition
+is made by exactly one operation, which reports it.
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ def _count(fields: Fields, now: int, window: int, failed: bool) -> None:
     j = current % SLICES
     if fields.get(f"i{j}") != current:
         fields[f"i{j}"], fields[f"c{j}"], fields[f"f{j}"] = current, 0, 0
-    fields[f"c{j}"] += 1
-    fields[f"f{j}"] += int(failed)
+    fields[f"c{j}"] = fields.get(f"c{j}", 0) + 1
+    fields[f"f{j}"] = fields.get(f"f{j}", 0) + int(failed)
 
 
 def trips(calls: int, failures: int, spec: BreakerSpec) -> bool:
@@ -69,9 +75,29 @@ def trips(calls: int, failures: int, spec: BreakerSpec) -> bool:
     return bool(spec.rate) and calls >= spec.minimum_calls and failures * 1000 >= spec.rate * calls
 
 
-def _open(fields: Fields, now: int, spec: BreakerSpec) -> None:
+def _clear(fields: Fields) -> None:
+    """Forget every field but the latest probe id."""
+    latest = fields.get("n")
     fields.clear()
+    if latest is not None:
+        fields["n"] = latest
+
+
+def _open(fields: Fields, now: int, spec: BreakerSpec) -> None:
+    _clear(fields)
     fields["s"], fields["u"] = OPEN, now + spec.recovery
+
+
+def _live_probes(fields: Fields, now: int, purge: bool) -> dict[str, int]:
+    """The probes in flight (field -> deadline) whose deadline has not passed; with
+    ``purge``, the fields of the lost ones are dropped."""
+    live = {}
+    for name in [name for name in fields if name[0] == "q"]:
+        if fields[name] > now:
+            live[name] = fields[name]
+        elif purge:
+            del fields[name]
+    return live
 
 
 def step(
@@ -84,38 +110,39 @@ def step(
     if state == OPEN and now >= until:
         state = HALF_OPEN  # the clock's own transition, made by the first to write
         if op != PEEK:
-            fields["s"], fields["p"], fields["k"], fields["e"] = HALF_OPEN, 0, 0, 0
+            fields["s"], fields["k"] = HALF_OPEN, 0
             changed, dirty = HALF_OPEN, True
-    lost = fields.get("e", 0)
-    probes = fields.get("p", 0) if now < lost else 0
-    verdict = 1
+    held = len(fields)
+    live = _live_probes(fields, now, purge=op != PEEK)
+    dirty = dirty or len(fields) != held
+    verdict, probe_id = 1, 0
     if op in (ENTER, PEEK):
         if state == OPEN:
             verdict = 0
         elif state == HALF_OPEN:
-            verdict = 2 if probes < spec.probes else 0
+            verdict = 2 if len(live) < spec.probes else 0
             if verdict and op == ENTER:
-                probes += 1
-                fields["p"], fields["e"] = probes, now + spec.probe_timeout
-                lost, dirty = fields["e"], True
+                probe_id = max(now, fields.get("n", 0) + 1)
+                fields["n"], fields[f"q{probe_id}"] = probe_id, now + spec.probe_timeout
+                live[f"q{probe_id}"], dirty = now + spec.probe_timeout, True
     elif state == CLOSED and probe_round == 0 and op in (SUCCESS, FAILURE):
         _count(fields, now, spec.window, op == FAILURE)
         dirty = True
         if op == FAILURE and trips(*window_counts(fields, now, spec.window), spec):
             _open(fields, now, spec)
             state, until, changed = OPEN, fields["u"], OPEN
-    elif state == HALF_OPEN and probe_round == until:
-        probes = max(0, probes - 1)
-        fields["p"], dirty = probes, True
+    elif state == HALF_OPEN and f"q{probe_round}" in live:
+        del fields[f"q{probe_round}"], live[f"q{probe_round}"]
+        dirty = True
         if op == SUCCESS:
             fields["k"] = fields.get("k", 0) + 1
             if fields["k"] >= spec.successes:
-                fields.clear()
+                _clear(fields)
                 state, changed = CLOSED, CLOSED
         elif op == FAILURE:
             _open(fields, now, spec)
             state, until, changed = OPEN, fields["u"], OPEN
-    return _reply(fields, now, state, until, probes, lost, verdict, changed, spec), dirty
+    return _reply(fields, now, state, until, live, verdict, probe_id, changed, spec), dirty
 
 
 def _reply(
@@ -123,35 +150,33 @@ def _reply(
     now: int,
     state: int,
     until: int,
-    probes: int,
-    lost: int,
+    live: dict[str, int],
     verdict: int,
+    probe_id: int,
     changed: int,
     spec: BreakerSpec,
 ) -> BreakerReply:
-    calls = failures = successes = 0
-    wait, round_id = 0, 0
+    calls = failures = successes = probes = wait = 0
     if state == CLOSED:
         calls, failures = window_counts(fields, now, spec.window)
-        probes = 0
     elif state == OPEN:
-        wait, probes = until - now, 0
+        wait = until - now
     else:
-        successes, round_id = fields.get("k", 0), until
+        successes, probes = fields.get("k", 0), len(live)
         if probes >= spec.probes:
-            wait = max(1, lost - now)
+            wait = max(1, min(live.values()) - now)  # the first probe counted as lost
     return BreakerReply(
-        verdict, wait, state, calls, failures, probes, successes, round_id, changed, now
+        verdict, wait, state, calls, failures, probes, successes, probe_id, changed, now
     )
 
 
 def ttl(fields: Fields, now: int, spec: BreakerSpec) -> int:
     """How long (ms) stored fields must live: the window, and an open state's time, its
-    half-open probes' and a window more after it."""
+    half-open probes' (each lost at most ``probe_timeout`` from now) and a window more
+    after it."""
     if fields.get("s", CLOSED) == CLOSED:
         return spec.window + SLACK_MS
-    ahead = max(fields.get("u", 0), fields.get("e", 0), now) - now
-    return ahead + spec.probe_timeout + spec.window + SLACK_MS
+    return max(fields.get("u", 0), now) - now + spec.probe_timeout + spec.window + SLACK_MS
 
 
 class Breakers:

@@ -80,7 +80,8 @@ def book_turn(
 
     Granted, the task must still pass the breakers it names (after its limits, so that a
     probe slot is not held by a task that waits for its turn); one that refuses gives the
-    lease back and defers the task to when a call could pass.
+    lease back and defers the task to when a call could pass. Any other error there (a
+    breaker never made in this process) gives the lease back too, and is raised.
     """
     turn = _book_turn(state, ask, message_id, meta, attempt, once=once)
     if not (ask.breakers and isinstance(turn, Lease)):
@@ -90,6 +91,9 @@ def book_turn(
     except BreakerOpen as exc:
         give_back(turn)
         return refused(state, ask, meta, attempt, exc)
+    except BaseException:
+        give_back(turn)
+        raise
     return turn
 
 

@@ -123,14 +123,32 @@ def _wait(charged: list[Entry], levels: list[int], ttl_ms: int) -> float:
     return max(waits) / 1000
 
 
+#: Pushbacks longer than `MAX_DURATION`, held for that long: the first is logged.
+_capped_holds: list[float] = []
+
+
+def _say_capped(retry_after: float) -> None:
+    if not _capped_holds:
+        _capped_holds.append(retry_after)
+        log.warning(
+            "taskthrottle: a pushback of %.0f s is held for %.0f s, the longest (said once)",
+            retry_after,
+            MAX_DURATION,
+        )
+
+
 def _pushback(
     key: str,
     retry_after: float | None,
     remaining: Mapping[str, float] | None,
     limits: Sequence[Limit] | None,
 ) -> tuple[str, int, list[Entry]]:
-    """The key, hold (ms) and lowered entries of a pushback, all checked."""
+    """The key, hold (ms) and lowered entries of a pushback, all checked. A hold longer
+    than `MAX_DURATION` (a server's Retry-After may say so) holds for that long."""
     key = check_key(key)
+    if isinstance(retry_after, (int, float)) and MAX_DURATION < retry_after < math.inf:
+        _say_capped(retry_after)
+        retry_after = MAX_DURATION
     hold_ms = 0 if retry_after is None else _seconds(retry_after, "retry_after", allow_zero=True)
     if not remaining:
         return key, hold_ms, []
@@ -353,6 +371,8 @@ class Limiter:
         now, whatever request it is part of (a later hold wins); ``remaining`` maps names
         of ``limits`` to what the callee says is left, and lowers each to it (never
         raises it). While the store fails the pushback is dropped (the outage is logged).
+        A hold longer than a day (a server's Retry-After may say so) is held for a day,
+        and logged once, rather than refused.
         """
         key, hold_ms, lowered = _pushback(key, retry_after, remaining, limits)
         try:

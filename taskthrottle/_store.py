@@ -61,8 +61,8 @@ class BreakerSpec(NamedTuple):
 class BreakerReply(NamedTuple):
     """A store's answer to a breaker operation.
 
-    ``verdict``: 0 refused (wait ``wait_ms``), 1 passed while closed, 2 passed as a probe
-    of round ``round`` (to report with it). ``state`` after the operation; ``calls`` and
+    ``verdict``: 0 refused (wait ``wait_ms``), 1 passed while closed, 2 passed as the probe
+    whose id is ``round`` (to report with it). ``state`` after the operation; ``calls`` and
     ``failures`` in the window (closed), or ``probes`` in flight and ``successes`` so far
     (half-open). ``changed`` is the state this operation moved the breaker to, or -1:
     exactly one caller sees each transition.
@@ -136,8 +136,9 @@ class Store(Protocol):
 
     def breaker(self, name: str, op: int, probe_round: int, spec: BreakerSpec) -> BreakerReply:
         """One step of breaker ``name`` (see `_circuit.step`), atomically: ``op`` is
-        ENTER, SUCCESS, FAILURE, IGNORE (of a call passed in ``probe_round``, 0 when closed) or
-        PEEK (writes nothing). A breaker without state is closed."""
+        ENTER, SUCCESS, FAILURE, IGNORE (of a call passed in ``probe_round``: 0 when
+        closed, else the probe's id) or PEEK (writes nothing). A breaker without state is
+        closed."""
         ...
 
     def reset_breaker(self, name: str) -> None:

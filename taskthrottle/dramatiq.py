@@ -300,8 +300,12 @@ class ThrottleMiddleware(Middleware):
     def _refused_in_body(self, exc: BreakerOpen) -> None:
         """A breaker refused a call of the running actor (it opened after the gate let the
         message in): hand the message back like a throttled one, its lease given back
-        (raises SkipMessage). Returns after waiting when the broker refused the copy, for
-        the body to run again under the same lease; re-raises outside a gated message."""
+        (raises SkipMessage); re-raises outside a gated message.
+
+        When the broker refused the copy, the message waits here, then takes itself over
+        (the copy may have got out all the same, see `take_over`) and returns, for the
+        body to run again under the same lease; its next hand-backs name the mark that
+        returned as their maker. If that copy ran first, the message is dropped."""
         held = getattr(self._held, "lease", None)
         context = getattr(self._held, "context", None)
         if held is None or context is None or context[1].message_id != held[0]:
@@ -310,15 +314,24 @@ class ThrottleMiddleware(Middleware):
         turn = refused(self.state, ask, meta, attempt, exc)
         try:
             self._defer(broker, message, turn, maker)
+            log.warning(
+                "taskthrottle: could not hand message %s back; holding it %.1f s in this worker",
+                message.message_id,
+                turn.wait,
+            )
+            time.sleep(turn.wait)
+            found = message.options.get(OPTION)
+            own = found if isinstance(found, dict) else {}
+            taken = take_over(self.state, message.message_id, own.get("token"), own.get("prior"))
+            if taken is None:
+                log.info("taskthrottle: dropping message %s: a copy of it ran", message.message_id)
+                message.options["store_results"] = False  # the copy's result stands
+                self._skipping.skip(message.message_id)
+                raise SkipMessage("taskthrottle: a copy ran")
         except SkipMessage:
             give_back(held[1])
             raise
-        log.warning(
-            "taskthrottle: could not hand message %s back; holding it %.1f s in this worker",
-            message.message_id,
-            turn.wait,
-        )
-        time.sleep(turn.wait)
+        self._held.context = (broker, message, ask, meta, attempt, taken)
 
     def _settle(self, message: Any, *, failed: bool) -> None:
         self._held.context = None

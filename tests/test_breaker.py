@@ -177,6 +177,58 @@ class TestOpenAndHalfOpen:
         assert breaker.call(ok) == "ok"
         assert breaker.state().state == "closed"
 
+    def test_a_late_report_of_a_lost_probe_changes_nothing(
+        self, make: Any, clock: ManualClock
+    ) -> None:
+        """A probe that ran past probe_timeout counts as lost: its report, late, neither
+        counts nor frees the slot of the probe let through in its place, so no third probe
+        runs beside that one."""
+        breaker = make(half_open_max_calls=1, success_threshold=2, probe_timeout=10.0)
+        failures(breaker, 3)
+        clock.advance(60)
+        slow = breaker.enter()
+        clock.advance(10)  # slow counts as lost
+        second = breaker.enter()
+        breaker.leave(slow)  # late: dropped
+        assert breaker.state()[1:6] == ("half-open", 0, 0, 1, 0)
+        assert refusal(breaker).state == "half-open"
+        breaker.leave(second)
+        assert breaker.state()[1:6] == ("half-open", 0, 0, 0, 1)
+
+    def test_a_dead_probe_frees_its_slot_while_others_come_and_go(
+        self, make: Any, clock: ManualClock
+    ) -> None:
+        """Each probe has a deadline of its own: a dead prober's slot is free probe_timeout
+        after it was let through, however many probes passed since."""
+        breaker = make(half_open_max_calls=2, success_threshold=5, probe_timeout=10.0)
+        failures(breaker, 3)
+        clock.advance(60)
+        breaker.enter()  # its worker dies
+        clock.advance(6)
+        assert breaker.call(ok) == "ok"
+        clock.advance(4)  # the dead probe is lost now
+        rounds = [breaker.enter(), breaker.enter()]
+        assert breaker.state()[1:6] == ("half-open", 0, 0, 2, 1)
+        exc = refusal(breaker)
+        assert exc.retry_after == 10.0
+        for probe_round in rounds:
+            breaker.leave(probe_round)
+        assert breaker.state()[1:6] == ("half-open", 0, 0, 0, 3)
+
+    def test_each_probe_reports_once(self, make: Any, clock: ManualClock) -> None:
+        """A probe's second report, or one naming no probe, moves nothing."""
+        breaker = make(half_open_max_calls=2, success_threshold=2)
+        failures(breaker, 3)
+        clock.advance(60)
+        first, second = breaker.enter(), breaker.enter()
+        assert first != second
+        breaker.leave(first)
+        breaker.leave(first)
+        breaker.leave(first + second)
+        assert breaker.state()[1:6] == ("half-open", 0, 0, 1, 1)
+        breaker.leave(second)
+        assert breaker.state().state == "closed"
+
 
 class TestSharedState:
     def test_a_new_breaker_neither_resets_nor_reopens(
@@ -210,6 +262,24 @@ class TestSharedState:
         assert breaker.state()[1:] == ("closed", 0, 0, 0, 0, 0.0)
         failures(breaker, 2)
         assert breaker.state().state == "closed"
+
+    def test_a_partial_state_counts_from_zero(
+        self, make: Any, store: Store, clock: ManualClock
+    ) -> None:
+        """A stored window slice without its counts (a hash written in part) counts as
+        empty rather than failing the store operation."""
+        breaker = make(window=10.0)
+        current = round(clock() * 1000) // 1000
+        if isinstance(store, RedisStore):
+            key = store._codec.breaker_key(breaker.name)
+            store.client.hset(key, mapping={"s": 0, f"i{current % 10}": current})
+            store.client.pexpire(key, 60_000)
+        else:
+            assert isinstance(store, MemoryStore)
+            expiry = round(clock() * 1000) + 60_000
+            store._breakers._fields[breaker.name] = ({f"i{current % 10}": current}, expiry)
+        failures(breaker, 1)
+        assert breaker.state()[1:4] == ("closed", 1, 1)
 
     def test_every_breaker_key_expires(self, make: Any, store: Store) -> None:
         """The breaker's hash carries a TTL in Redis, open or closed."""
@@ -266,6 +336,35 @@ class TestObservability:
             breaker.call(fail)
         refusal(breaker)
         assert metrics.events == [("changed", "open"), ("refused", "metered")]
+
+    def test_an_observer_that_raises_is_logged_not_passed_on(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """on_change and metrics methods that raise never fail the call they observe: the
+        call passed (or was refused) all the same, and the error is logged."""
+
+        class Broken:
+            def granted(self, delay: float) -> None: ...
+            def throttled(self, exc: Throttled) -> None: ...
+            def failed(self, exc: StoreError) -> None: ...
+
+            def breaker_changed(self, breaker: str, state: str) -> None:
+                raise RuntimeError("metrics down")
+
+            def breaker_refused(self, breaker: str) -> None:
+                raise RuntimeError("metrics down")
+
+        def on_change(name: str, state: str) -> None:
+            raise RuntimeError("hook down")
+
+        limiter = Limiter(store, metrics=Broken())
+        name = f"cb-{uuid.uuid4().hex[:8]}"
+        breaker = Breaker(name, limiter, failure_threshold=1, on_change=on_change)
+        with caplog.at_level(logging.ERROR, logger="taskthrottle"), pytest.raises(Down):
+            breaker.call(fail)  # the failure, not the observers' errors
+        assert refusal(breaker).state == "open"
+        failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(failed) == 3 and all("breaker observer" in line for line in failed)
 
 
 class TestForms:

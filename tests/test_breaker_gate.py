@@ -89,6 +89,22 @@ def test_a_breaker_never_made_is_named(clock: ManualClock) -> None:
         book_turn(state, Request({"k": [rph]}, {}, ("nope",)), "t", {}, 0)
 
 
+def test_a_gate_error_gives_the_lease_back(clock: ManualClock) -> None:
+    """Any error at the breakers (here a breaker never made, after one that gave the task
+    its probe permit) is raised with the grant refunded, the concurrency slot freed and
+    the permit given back: nothing stays taken for a task that does not run."""
+    state, breaker, _ = gate(clock, "g-leak")
+    trip(breaker)
+    clock.advance(30)
+    slots = Limit.concurrency("slots", 1)
+    ask = Request({"k": [rph, slots]}, {}, ("g-leak", "nope"))
+    with pytest.raises(InvalidInput, match="no Breaker named 'nope'"):
+        book_turn(state, ask, "t", {}, 0)
+    assert state.limiter().available("k", [rph, slots]) == {"rph": 10.0, "slots": 1.0}
+    assert breaker.state()[1:5] == ("half-open", 0, 0, 0)
+    assert "t:0:0" not in _permits
+
+
 def test_breaker_open_is_a_throttled_refusal() -> None:
     """BreakerOpen carries its breaker, state and retry_after, as a Throttled does."""
     exc = BreakerOpen("b", 1.5, "half-open")

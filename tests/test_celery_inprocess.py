@@ -3,17 +3,19 @@ settings, helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
-from celery import Celery
+from celery import Celery, Task
 from celery.contrib.testing.worker import start_worker
 
 import taskthrottle.celery
-from taskthrottle import InvalidInput, Limit, Limiter, current_lease, throttled
+from taskthrottle import InvalidInput, Limit, Limiter, Throttled, current_lease, throttled
 from taskthrottle.celery import Settings, delay_for, limiter_for
 from taskthrottle.testing import memory_limiter
 from tests.helpers import wait_for
@@ -346,3 +348,130 @@ def test_a_deferral_logs_one_info_line_without_arguments() -> None:
     assert len(records) == 1 and records[0].levelname == "INFO", records
     assert ".summarize[" in records[0].getMessage() and "logs/rps" in records[0].getMessage()
     assert "secret prompt" not in records[0].getMessage()
+
+
+def held_after_a_refusal(
+    monkeypatch: pytest.MonkeyPatch, *, stray_runs: bool
+) -> tuple[Celery, Any, list[str | None], list[int]]:
+    """A task whose body a breaker refuses once, and whose hand-back then fails: the
+    publish raised, but (``stray_runs``) its copy got out and started all the same.
+    Returns the app, the task, the maker each hand-back named, and the body's runs."""
+    from celery.exceptions import Ignore
+
+    from taskthrottle import Breaker, BreakerOpen
+    from taskthrottle.celery import _gate
+
+    app = make_app()
+    taskthrottle.celery.install(app, memory_limiter(), park_after=60, jitter=0.0)
+    name = f"held-{uuid.uuid4().hex[:8]}"
+    Breaker(name, memory_limiter())
+    priors: list[str | None] = []
+    runs: list[int] = []
+
+    def lost_reply(task: Any, state: Any, turn: Any, prior: str | None) -> None:
+        priors.append(prior)
+        if len(priors) > 1:
+            raise Ignore()  # handed back this time
+        if stray_runs:  # the copy reached the broker, and a worker started it
+            assert state.deferrals().begin(task.request.id, "stray-token", prior)
+
+    monkeypatch.setattr(_gate, "_defer", lost_reply)
+
+    @app.task(shared=False)
+    @throttled(Limit.per_hour("rph", 10), key="held", breaker=name)
+    def job() -> str:
+        runs.append(1)
+        raise BreakerOpen(name, 0.001, "open")
+
+    return app, job, priors, runs
+
+
+def run_delivery(task: Any) -> None:
+    """Run ``task`` as a worker runs a first delivery of it (the tracer's request)."""
+    from celery.exceptions import Ignore
+
+    task.push_request(
+        id="t-held", retries=0, is_eager=False, called_directly=False, delivery_info={}
+    )
+    try:
+        with pytest.raises(Ignore):
+            task()
+    finally:
+        task.pop_request()
+
+
+def test_a_body_refusal_whose_copy_ran_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A breaker refuses the body, the hand-back raises, but its copy ran: the delivery is
+    dropped, not run again beside it, and its grant is given back."""
+    app, job, priors, runs = held_after_a_refusal(monkeypatch, stray_runs=True)
+    run_delivery(job)
+    assert (priors, len(runs)) == ([None], 1)
+    rph = Limit.per_hour("rph", 10)
+    assert limiter_for(app).available("held", [rph]) == {"rph": 10.0}
+
+
+def test_a_body_refusal_held_here_takes_the_task_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy did not get out: the delivery takes the task over and runs its body again;
+    its next hand-back names the take-over's mark as its maker."""
+    _, job, priors, runs = held_after_a_refusal(monkeypatch, stray_runs=False)
+    run_delivery(job)
+    assert (priors, len(runs)) == ([None, "body:"], 2)
+
+
+def test_autoretry_never_retries_a_body_refusal() -> None:
+    """With autoretry_for=(Exception,), a breaker that refuses the body's call hands the
+    task back through the gate: no retry is published nor counted (the next delivery is
+    still attempt 0), and the task completes once the breaker lets a probe through."""
+    from taskthrottle import Breaker, MemoryStore
+    from taskthrottle.testing import ManualClock
+
+    class Refusals:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def granted(self, delay: float) -> None: ...
+        def throttled(self, exc: Exception) -> None: ...
+        def failed(self, exc: Exception) -> None: ...
+
+        def breaker_refused(self, breaker: str) -> None:
+            self.seen.append(breaker)
+
+    clock, refusals = ManualClock(), Refusals()
+    limiter = Limiter(MemoryStore(clock=clock), metrics=refusals)
+    app = make_app(task_default_queue="inproc-autoretry")
+    taskthrottle.celery.install(app, limiter, park_after=60, jitter=0.0)
+    name = f"autoretry-{uuid.uuid4().hex[:8]}"
+    breaker = Breaker(name, limiter, failure_threshold=1, recovery_timeout=0.05)
+    attempts: list[int] = []
+
+    @app.task(shared=False, autoretry_for=(Exception,), retry_kwargs={"countdown": 0})
+    @throttled(Limit.per_hour("rph", 100), key="autoretry", breaker=name)
+    def job() -> str:
+        attempts.append(job.request.retries)
+        if len(attempts) == 1:  # the callee fails once: the breaker opens under the body
+            with contextlib.suppress(ConnectionError), breaker:
+                raise ConnectionError("callee down")
+        return breaker.call(lambda: "ok")
+
+    with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+        result = job.delay()
+        wait_for(lambda: bool(refusals.seen), 10, "the breaker to refuse the body's call")
+        clock.advance(0.05)  # half-open: the next delivery's probe closes it
+        assert result.get(timeout=10) == "ok"
+    assert attempts == [0, 0]
+
+
+@pytest.mark.parametrize("options", [{"dont_autoretry_for": (KeyError,)}, {"base": Task}])
+def test_tasks_of_their_own_spare_refusals_from_autoretry(options: dict[str, Any]) -> None:
+    """A task with a dont_autoretry_for of its own, or a base class of its own, has
+    Throttled added to it when the app is finalized, and keeps what it said."""
+    app = make_app()
+    taskthrottle.celery.install(app, memory_limiter())
+
+    @app.task(shared=False, autoretry_for=(Exception,), **options)
+    def job() -> None: ...
+
+    app.finalize()
+    spared = app.tasks[job.name].dont_autoretry_for
+    assert Throttled in spared
+    assert KeyError in spared or "base" in options

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -453,3 +454,66 @@ def test_the_redis_broker_charges_a_reused_message_id_apart() -> None:
     assert _delivery(message(redis_message_id="r1")) == ("m.r1", False)
     assert _delivery(message(redis_message_id="r2")) == ("m.r2", False)
     assert _delivery(message()) == ("m", True)  # a broker that says nothing: once
+
+
+def held_after_a_refusal(
+    broker: StubBroker, *, stray_runs: bool
+) -> tuple[ThrottleMiddleware, Any, list[str | None], list[int]]:
+    """An actor whose body a breaker refuses, and whose hand-back then fails: the enqueue
+    raised, but (``stray_runs``) its copy got out and started all the same. Returns the
+    middleware, the actor, the maker each hand-back named, and the body's runs."""
+    from dramatiq.middleware import SkipMessage
+
+    from taskthrottle import Breaker, BreakerOpen
+
+    middleware = ThrottleMiddleware(Limiter(MemoryStore()), jitter=0.0)
+    broker.add_middleware(middleware)
+    name = f"held-{uuid.uuid4().hex[:8]}"
+    Breaker(name, Limiter(MemoryStore()))
+    priors: list[str | None] = []
+    runs: list[int] = []
+
+    def lost_reply(broker: Any, message: Any, turn: Any, prior: str | None) -> None:
+        priors.append(prior)
+        if len(priors) > 1:
+            raise SkipMessage("handed back this time")
+        if stray_runs:  # the copy reached the broker, and a worker started it
+            assert middleware.state.deferrals().begin(message.message_id, "stray", prior)
+
+    middleware._defer = lost_reply  # type: ignore[method-assign]
+
+    @dramatiq.actor(max_retries=0, throttle={"rph": 10, "key": "held", "breaker": name})
+    def job() -> None:
+        runs.append(1)
+        raise BreakerOpen(name, 0.001, "open")
+
+    return middleware, job, priors, runs
+
+
+def run_delivery(broker: StubBroker, middleware: ThrottleMiddleware, actor: Any) -> None:
+    """Process one message of ``actor`` as a worker thread does, up to the skip."""
+    from dramatiq.middleware import SkipMessage
+
+    message = actor.message()
+    middleware.before_process_message(broker, message)
+    with pytest.raises(SkipMessage):
+        actor.fn()
+    middleware.after_skip_message(broker, message)
+
+
+def test_a_body_refusal_whose_copy_ran_is_dropped(broker: StubBroker) -> None:
+    """A breaker refuses the body, the enqueue raises, but its copy ran: the message is
+    dropped, not run again beside it, and its grant is given back."""
+    middleware, job, priors, runs = held_after_a_refusal(broker, stray_runs=True)
+    run_delivery(broker, middleware, job)
+    assert (priors, len(runs)) == ([None], 1)
+    rph = Limit.per_hour("rph", 10)
+    assert middleware.state.limiter().available("held", [rph]) == {"rph": 10.0}
+
+
+def test_a_body_refusal_held_here_takes_the_message_over(broker: StubBroker) -> None:
+    """The copy did not get out: the message takes itself over and runs its body again;
+    its next hand-back names the take-over's mark as its maker."""
+    middleware, job, priors, runs = held_after_a_refusal(broker, stray_runs=False)
+    run_delivery(broker, middleware, job)
+    assert (priors, len(runs)) == ([None, "body:"], 2)

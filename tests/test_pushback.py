@@ -4,13 +4,23 @@ policies that honour refusals and Retry-After."""
 from __future__ import annotations
 
 import email.utils
+import logging
 import time
 from typing import Any
 
 import pytest
 import tenacity
 
-from taskthrottle import BreakerOpen, InvalidInput, Limit, Limiter, RedisStore, Throttled
+from taskthrottle import (
+    BreakerOpen,
+    InvalidInput,
+    InvalidType,
+    Limit,
+    Limiter,
+    RedisStore,
+    Throttled,
+    _limiter,
+)
 from taskthrottle._store import Store
 from taskthrottle.headers import duration, read_headers
 from taskthrottle.tenacity import (
@@ -98,6 +108,30 @@ class TestPushback:
         """A pushback with bad values changes nothing and names the value."""
         with pytest.raises(InvalidInput, match=named):
             Limiter().pushback("k", **kwargs)
+
+    def test_a_hold_past_a_day_is_held_for_a_day(
+        self,
+        limiter: Limiter,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A server's Retry-After of two days, straight from the headers, holds the key
+        for a day (the longest hold) instead of raising in the caller's 429 handling;
+        logged once. What is not a duration at all is still refused."""
+        monkeypatch.setattr(_limiter, "_capped_holds", [])
+        hint = read_headers({"Retry-After": str(2 * 86_400)})
+        with caplog.at_level(logging.WARNING, logger="taskthrottle"):
+            limiter.pushback("k", hint.retry_after)
+            limiter.pushback("k", 3 * 86_400.0)
+        assert refused(limiter, "k", [rpm]).retry_after == 86_400.0
+        assert [r.getMessage() for r in caplog.records if "pushback" in r.getMessage()] == [
+            "taskthrottle: a pushback of 172800 s is held for 86400 s, the longest (said once)"
+        ]
+        for bad in (float("inf"), float("nan"), -0.5):
+            with pytest.raises(InvalidInput, match="retry_after"):
+                limiter.pushback("k", bad)
+        with pytest.raises(InvalidType, match="retry_after"):
+            limiter.pushback("k", "172800")  # type: ignore[arg-type]
 
 
 class TestHeaders:

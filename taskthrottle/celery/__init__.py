@@ -23,7 +23,13 @@ from celery import Celery  # noqa: E402  (after the check that names the missing
 from taskthrottle._limiter import Limiter  # noqa: E402
 from taskthrottle._settings import Settings, State  # noqa: E402
 from taskthrottle._throttle import plan, throttles_of  # noqa: E402
-from taskthrottle.celery._gate import HEADER, ThrottledTask, gated_call, state_of  # noqa: E402
+from taskthrottle.celery._gate import (  # noqa: E402
+    HEADER,
+    ThrottledTask,
+    gated_call,
+    spare_refusals,
+    state_of,
+)
 from taskthrottle.celery._release import ReleaseStep, release_due  # noqa: E402
 
 __all__ = [
@@ -100,10 +106,14 @@ def parking_client(app: Celery, settings: Settings) -> Any:
 
 
 def _upgrade_tasks(sender: Celery, **_: Any) -> None:
-    """Give the gate to tasks made before ``install``, or with a base class of their own."""
+    """Give the gate to tasks made before ``install``, or with a base class of their own;
+    keep ``autoretry_for`` from retrying what the gate hands back."""
     for task in sender.tasks.values():
         cls = type(task)
-        if issubclass(cls, ThrottledTask) or task.name.startswith("celery."):
+        if task.name.startswith("celery."):
+            continue
+        spare_refusals(task)
+        if issubclass(cls, ThrottledTask):
             continue
         if cls.__call__ is not gated_call:
             cls._taskthrottle_next_call = cls.__call__

@@ -17,6 +17,7 @@ import uuid
 from typing import Any, NoReturn
 
 from celery import Task, states
+from celery.app.autoretry import add_autoretry_behaviour
 from celery.exceptions import Ignore, Reject
 from kombu.serialization import dumps, loads, prepare_accept_content
 
@@ -51,7 +52,10 @@ def gated_call(task: Task, *args: Any, **kwargs: Any) -> Any:
     if not throttles:
         return _body(task, args, kwargs)
     ask = plan(throttles, task.run, args, kwargs, default_key=task.name)
-    lease = _eager(state, ask) if task.request.is_eager else _admit(task, state, ask)
+    if task.request.is_eager:
+        lease, maker = _eager(state, ask), None
+    else:
+        lease, maker = _admit(task, state, ask)
     if lease is None:
         return _body(task, args, kwargs)
     with lease_scope(lease):
@@ -62,7 +66,7 @@ def gated_call(task: Task, *args: Any, **kwargs: Any) -> Any:
                 if task.request.is_eager:
                     settle(lease, state.settings, failed=True)
                     raise
-                _refused_in_body(task, state, ask, lease, exc)
+                maker = _refused_in_body(task, state, ask, lease, exc, maker)
                 continue  # held here, as it could not be handed back: run it again
             except BaseException:
                 settle(lease, state.settings, failed=True)
@@ -73,27 +77,38 @@ def gated_call(task: Task, *args: Any, **kwargs: Any) -> Any:
 
 
 def _refused_in_body(
-    task: Task, state: State, ask: Request, lease: Lease, exc: BreakerOpen
-) -> None:
+    task: Task, state: State, ask: Request, lease: Lease, exc: BreakerOpen, maker: str | None
+) -> str:
     """A breaker refused a call of the body (it opened after the gate let the task in):
     the task is handed back like a throttled one, its lease given back, never failed nor
-    counted as a retry (raises Ignore). Returns after waiting when it could not be handed
-    back, for the body to run again under the same lease."""
-    meta = meta_of(task.request)
-    turn = refused(state, ask, meta, task.request.retries or 0, exc)
+    counted as a retry (raises Ignore). Its copy names ``maker``, the mark of this
+    delivery.
+
+    When it could not be handed back, the task waits here, then takes itself over (a
+    copy whose publish or park failed may have got out all the same, see `take_over`):
+    returns the mark the next hand-backs name as their maker, for the body to run again
+    under the same lease; if that copy ran first, this delivery is dropped (Ignore)."""
+    request = task.request
+    meta = meta_of(request)
+    turn = refused(state, ask, meta, request.retries or 0, exc)
     try:
-        _defer(task, state, turn, meta.get("token"))
+        _defer(task, state, turn, maker)
+        log.warning(
+            "taskthrottle: could not hand %s[%s] back; holding it %.1f s in this worker",
+            task.name,
+            request.id,
+            turn.wait,
+        )
+        time.sleep(turn.wait)
+        taken = take_over(state, request.id, meta.get("token"), meta.get("prior"))
+        if taken is None:
+            log.info("taskthrottle: dropping %s[%s]: a copy of it ran", task.name, request.id)
+            raise Ignore()
     except (Ignore, Reject):
         give_back(lease)
         settle(lease, state.settings, failed=False)  # its probe permits, if any
         raise
-    log.warning(
-        "taskthrottle: could not hand %s[%s] back; holding it %.1f s in this worker",
-        task.name,
-        task.request.id,
-        turn.wait,
-    )
-    time.sleep(turn.wait)
+    return taken
 
 
 def _body(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -111,8 +126,9 @@ def meta_of(request: Any) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def _admit(task: Task, state: State, ask: Request) -> Lease:
-    """The lease to run under now; otherwise the task is handed back (Ignore or Reject)."""
+def _admit(task: Task, state: State, ask: Request) -> tuple[Lease, str | None]:
+    """The lease to run under now, and the mark of this delivery that its copies name as
+    their maker; otherwise the task is handed back (Ignore or Reject)."""
     request = task.request
     meta = meta_of(request)
     if not _current_copy(task, state, meta):
@@ -137,7 +153,7 @@ def _admit(task: Task, state: State, ask: Request) -> Lease:
             log.info("taskthrottle: dropping a second delivery of %s[%s]", task.name, request.id)
             raise Ignore()
         if not isinstance(turn, Defer):
-            return turn
+            return turn, maker
         _defer(task, state, turn, maker)
         # Neither the broker nor the store took the task back: it waits here, in this
         # worker, for its turn.
@@ -284,7 +300,22 @@ def _eager(state: State, ask: Request) -> Lease | None:
         return booked.redeem()
 
 
+def spare_refusals(task: Task) -> None:
+    """Keep ``autoretry_for`` from turning a refusal the body raised (a `BreakerOpen` the
+    gate hands back, any `Throttled`) into a retry: Celery wraps ``run`` with autoretry
+    when the task is made, so a task whose ``dont_autoretry_for`` lacks `Throttled` has
+    its wrapper made again with it."""
+    spared = tuple(getattr(task, "dont_autoretry_for", ()))
+    if "_orig_run" not in vars(task) or any(issubclass(Throttled, kind) for kind in spared):
+        return
+    del task.run, task._orig_run  # back to the class's run
+    task.dont_autoretry_for = (*spared, Throttled)
+    add_autoretry_behaviour(task)
+
+
 class ThrottledTask(Task):
     """A task base whose calls pass the throttle gate; ``install`` makes it the app's base."""
 
     __call__ = gated_call
+    #: A refusal is handed back by the gate, never retried by ``autoretry_for``.
+    dont_autoretry_for: tuple[type[BaseException], ...] = (Throttled,)

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser, Unreadable
 from taskthrottle._exceptions import BreakerOpen, InvalidInput, StoreError, require
@@ -200,8 +200,7 @@ class ThrottleMiddleware(Middleware):
         token = meta.get("token")
         if token and not self._begin(message.message_id, token, meta.get("prior")):
             log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)
-            self._skipping.skip(message.message_id)
-            raise SkipMessage("taskthrottle: stale copy")
+            self._drop(message, "stale copy")
         attempt = int(message.options.get("retries") or 0)
         delivery, once = _delivery(message)
         maker = token  # what the copies this delivery hands back name as their maker
@@ -211,14 +210,12 @@ class ThrottleMiddleware(Middleware):
                 maker = take_over(self.state, message.message_id, token, meta.get("prior"))
                 if maker is None:
                     log.info("taskthrottle: dropping message %s: a copy of it ran", delivery)
-                    self._skipping.skip(message.message_id)
-                    raise SkipMessage("taskthrottle: a copy ran")
+                    self._drop(message, "a copy ran")
                 doubtful = False
             turn = book_turn(self.state, ask, delivery, turn_meta, attempt, once=once)
             if turn is None:
                 log.info("taskthrottle: dropping a second delivery of message %s", delivery)
-                self._skipping.skip(message.message_id)
-                raise SkipMessage("taskthrottle: delivered again")
+                self._drop(message, "delivered again")
             if not isinstance(turn, Defer):
                 if turn is not None:
                     self._held.context = (broker, message, ask, turn_meta, attempt, maker)
@@ -233,6 +230,14 @@ class ThrottleMiddleware(Middleware):
             )
             time.sleep(turn.wait)
             turn_meta, doubtful = turn.meta, True
+
+    def _drop(self, message: Any, why: str) -> NoReturn:
+        """Skip a delivery that must not run: another copy of it runs, or ran. With the
+        Results middleware, a skipped message would store None under the message id, over
+        the result of the copy that runs."""
+        message.options["store_results"] = False
+        self._skipping.skip(message.message_id)
+        raise SkipMessage(f"taskthrottle: {why}")
 
     def _bind(self, broker: Any) -> None:
         """Park in the broker's Redis, when the broker is Redis (and no park_url is set)."""
@@ -325,9 +330,7 @@ class ThrottleMiddleware(Middleware):
             taken = take_over(self.state, message.message_id, own.get("token"), own.get("prior"))
             if taken is None:
                 log.info("taskthrottle: dropping message %s: a copy of it ran", message.message_id)
-                message.options["store_results"] = False  # the copy's result stands
-                self._skipping.skip(message.message_id)
-                raise SkipMessage("taskthrottle: a copy ran")
+                self._drop(message, "a copy ran")
         except SkipMessage:
             give_back(held[1])
             raise

@@ -442,6 +442,30 @@ def test_a_message_id_sent_again_is_not_run_for_free(broker: StubBroker) -> None
     assert 9 <= limiter.available("reused", [Limit.per_hour("rph", 10)])["rph"] < 9.5
 
 
+def test_a_dropped_duplicate_stores_no_result_over_the_real_one(broker: StubBroker) -> None:
+    """A second delivery of a message that ran is dropped without storing None (the
+    Results middleware's skip) over the value the first delivery stored."""
+    deliveries = Deliveries()
+    broker.add_middleware(deliveries)
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
+
+    @dramatiq.actor(store_results=True, throttle={"rph": 10, "key": "dup"})
+    def double(n: int) -> int:
+        return 2 * n
+
+    worker = start(broker)
+    try:
+        first = broker.enqueue(double.message(21).copy(message_id="dup-1"))
+        assert first.get_result(block=True, timeout=10_000) == 42
+        broker.enqueue(double.message(21).copy(message_id="dup-1"))
+        wait_for(lambda: deliveries.counts.get("dup-1", 0) >= 2, 10, "the second delivery")
+        broker.join(double.queue_name)
+        worker.join()
+    finally:
+        worker.stop()
+    assert first.get_result(block=False) == 42
+
+
 def test_the_redis_broker_charges_a_reused_message_id_apart() -> None:
     """On the Redis broker each enqueue has an id of its own, kept on redelivery: a second
     message under a reused message id has a lease of its own (and pays), while a redelivery

@@ -27,6 +27,9 @@ log = logging.getLogger("taskthrottle")
 #: Seconds a run key outlives the turn it was set for, so that copies held up on the way
 #: (a busy worker, a broker that was down) are still recognised as stale.
 RUN_KEY_TTL = 3_600
+#: The maker a releaser's copy names when it asks to be published: no delivery made it, so
+#: it may not pass for an original delivery handing itself back.
+RELEASED = "*"
 #: The most tasks an app may have parked at once, and the largest one, in bytes: past
 #: either a task waits in the broker instead.
 MAX_PARKED = 100_000
@@ -88,7 +91,8 @@ class Deferrals(Protocol):
 
     def expect(self, task_id: str, token: str, prior: str | None = None) -> bool:
         """Let the copy carrying ``token`` run; False if an earlier copy already ran, unless
-        that is ``prior``, the delivery that is handing itself back again."""
+        that is ``prior``, the delivery that is handing itself back again (None: an
+        original delivery; `RELEASED`: a releaser publishing a parked task)."""
         ...
 
     def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
@@ -267,7 +271,8 @@ class MemoryDeferrals:
         """See `Deferrals.expect`."""
         with self._lock:
             current = self._run.get(task_id)
-            if _started(current) and not _made_by(current, prior):
+            original_again = not prior and current == "body:"  # see deferrals.lua
+            if _started(current) and not _made_by(current, prior) and not original_again:
                 return False
             self._run[task_id] = token
             return True
@@ -348,7 +353,7 @@ class Releaser:
         for item in claim.parked:
             token = uuid.uuid4().hex
             try:
-                if self.deferrals.expect(item.task_id, token):
+                if self.deferrals.expect(item.task_id, token, prior=RELEASED):
                     publish(item, token)
                     published += 1
             except Unreadable as exc:

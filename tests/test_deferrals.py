@@ -8,6 +8,7 @@ import pytest
 
 from taskthrottle import _deferrals
 from taskthrottle._deferrals import (
+    RELEASED,
     Deferrals,
     MemoryDeferrals,
     Parked,
@@ -121,8 +122,10 @@ def test_a_delivery_run_where_it_is_makes_what_its_failed_park_left_stale(
     assert deferrals.own("t", None)
     clock.advance(2)
     assert deferrals.claim(lead=0, batch=10, hold=30).parked == []
-    assert not deferrals.expect("t", "released")  # a releaser that had claimed it already
+    assert not deferrals.expect("t", "released", prior=RELEASED)  # claimed it already
     assert deferrals.begin("t", None)  # the held original, redelivered after a crash
+    assert deferrals.expect("t", "again")  # ... or requeued, and handing itself back
+    assert deferrals.begin("t", "again")
 
 
 def test_a_delivery_run_where_it_is_makes_what_its_failed_publish_left_stale(
@@ -144,7 +147,7 @@ def test_a_copy_that_started_first_wins_over_the_held_delivery(deferrals: Deferr
     """If the copy a failed park left behind was published and started before the held
     delivery could own the task, the held delivery must not run."""
     deferrals.park("t", 0, b"x")
-    assert deferrals.expect("t", "released")
+    assert deferrals.expect("t", "released", prior=RELEASED)
     assert deferrals.begin("t", "released")
     assert not deferrals.own("t", None)
     assert deferrals.own("t", "released")  # that copy may itself be held later

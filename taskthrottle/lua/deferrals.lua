@@ -18,8 +18,9 @@ ARGV[3..] park:   task id, due in ms, run-key ttl s, payload, most tasks parked 
           claim:  lead ms, batch size, claim ms
           done:   task id
           aside:  task id
-          expect: task id, token, run-key ttl s, prior token ('' if none): may this copy be
-                  published? (prior: the token of the delivery deferring itself again)
+          expect: task id, token, run-key ttl s, prior token: may this copy be published?
+                  (prior: the token of the delivery deferring itself, '' for an original
+                  delivery, '*' for a releaser's copy of a parked task)
           begin:  task id, token ('' for an original delivery), run-key ttl s, prior token
                   (the token of the delivery that published this copy, '' if none)
           own:    task id, token ('' for an original delivery), run-key ttl s, prior token
@@ -130,7 +131,10 @@ end
 
 if op == 'expect' then
   local current = redis.call('GET', KEYS[4])
-  if started(current) and not made_by(current, ARGV[6]) then
+  -- '' names an original delivery (a releaser names '*'): one that ran its body where it
+  -- was ("body:") and hands itself back again, after a requeue or a redelivery.
+  local original_again = ARGV[6] == '' and current == 'body:'
+  if started(current) and not made_by(current, ARGV[6]) and not original_again then
     return 0
   end
   redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[5])

@@ -3,6 +3,9 @@
     python examples/llm_budget.py                             # on the embedded MemoryStore
     python examples/llm_budget.py redis://127.0.0.1:6379/0    # on Redis, shared by every run
 
+On Redis every key it writes is under the namespace ``{example-llm}`` (it resets its own
+keys at start, nothing else).
+
 Each request estimates its tokens, takes one all-or-nothing lease over three keys, "calls"
 a fake model, and adjusts the lease to the tokens really used. A throttled request books a
 reservation and waits for its turn instead of retrying blindly.
@@ -55,7 +58,10 @@ def main(argv: list[str]) -> None:
         limiter.reset(key)
     for i in range(8):
         print(summarize(limiter, "ab"[i % 2], "lorem ipsum " * 300))
-    print("left:", limiter.available("tenant:a", TENANT), limiter.available("org:acme", ORG))
+    print("left in each key's budget:")
+    for key, limits in (("tenant:a", TENANT), ("tenant:b", TENANT), ("org:acme", ORG)):
+        left = limiter.available(key, limits).items()
+        print(f"  {key:9} " + ", ".join(f"{name} {round(amount, 1):g}" for name, amount in left))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,17 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+# Install once, and again only when pyproject.toml (the dependencies, the entry points) or
+# the environment's Python changed: the stamp holds a hash of both. The install is editable,
+# so changes to the code need none.
+STAMP=.venv/taskthrottle-installed
+wanted=$( (cat pyproject.toml; .venv/bin/python -VV) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$wanted" ]; then
+    echo "installing taskthrottle[dev] into .venv" >&2
+    .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    echo "$wanted" >"$STAMP"
+fi
 
 redis_answers() {  # redis_answers HOST PORT
     .venv/bin/python - "$1" "$2" <<'PY'

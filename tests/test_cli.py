@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from taskthrottle.cli import main
+import taskthrottle
+from taskthrottle.cli import main, parser
 
 
 def rows(out: str) -> list[list[str]]:
@@ -19,8 +25,60 @@ def test_demo_on_memory(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--seconds", "2", "--threads", "3", "--rpm", "60", "--tpm", "6000"]) == 0
     table = rows(capsys.readouterr().out)
     assert [row[0] for row in table] == ["1", "2"]
-    assert sum(int(row[1]) for row in table) > 0
-    assert sum(int(row[2]) for row in table) > 0
+    assert sum(int(row[1]) for row in table) > 0  # admitted
+    assert sum(int(row[3]) for row in table) > 0  # refused
+
+
+@pytest.mark.parametrize(("rpm", "tpm", "binding"), [("6000", "6000", "tpm"), ("60", "1e9", "rpm")])
+def test_demo_names_the_allowed_rate_and_the_binding_limit(
+    capsys: pytest.CaptureFixture[str], rpm: str, tpm: str, binding: str
+) -> None:
+    """The output states each limit's rate and burst, what the limits allow in the run, and
+    which limit refused: the only one that can, when the other is out of reach."""
+    assert main(["demo", "--seconds", "1", "--threads", "3", "--rpm", rpm, "--tpm", tpm]) == 0
+    out = capsys.readouterr().out
+    assert f"rpm: {float(rpm):,g} requests a minute ({float(rpm) / 60:,g}/s)" in out
+    assert f"tpm: {float(tpm):,g} tokens a minute" in out
+    assert "In 1 s the limits allow" in out
+    assert f": {binding} bound." in out
+    assert {row[-1] for row in rows(out)} == {binding}
+    assert "Refused counts attempts, not requests" in out
+    assert "seeded" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the installed distribution's version."""
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"taskthrottle {version('taskthrottle')}\n"
+    assert taskthrottle.__version__ == version("taskthrottle")
+
+
+def test_help_is_plain_text_and_every_option_says_what_it_does() -> None:
+    """--help shows no reST markup, and each option of each command has help text."""
+    top = parser()
+    assert "``" not in top.format_help()
+    (commands,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        assert "``" not in command.format_help(), name
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings}"
+
+
+def test_demo_needs_no_extra() -> None:
+    """`taskthrottle demo` runs on a plain install (no redis-py); --redis then names the
+    pip line that brings it."""
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from taskthrottle.cli import main\n"
+        "assert main(['demo', '--seconds', '1', '--threads', '1']) == 0\n"
+        "sys.exit(main(['demo', '--seconds', '1', '--redis', 'redis://127.0.0.1:1/0']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "requests and" in done.stdout
+    assert "pip install 'taskthrottle[redis]'" in done.stderr
 
 
 def test_demo_on_redis(capsys: pytest.CaptureFixture[str], redis_url: str, namespace: str) -> None:
@@ -68,11 +126,8 @@ def test_unknown_command() -> None:
 
 
 def test_example_runs(redis_url: str) -> None:
-    """examples/llm_budget.py runs to the end on memory and on Redis."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    """examples/llm_budget.py runs to the end on memory and on Redis, and says what is left
+    of each key's budget."""
     script = Path(__file__).parent.parent / "examples" / "llm_budget.py"
     for extra in ([], [redis_url]):
         out = subprocess.run(
@@ -83,4 +138,6 @@ def test_example_runs(redis_url: str) -> None:
             timeout=120,
         ).stdout
         assert out.count("tokens, waited") == 8
-        assert "left:" in out
+        left = out.split("left in each key's budget:\n")[1].splitlines()
+        assert [line.split()[0] for line in left] == ["tenant:a", "tenant:b", "org:acme"]
+        assert re.fullmatch(r"\s+tenant:a\s+rpm [-\d.]+, tpm [-\d.]+", left[0])

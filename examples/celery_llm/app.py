@@ -1,7 +1,9 @@
 """An LLM summarizer on Celery: per-tenant rpm and tpm, one provider-wide tpm, real usage.
 
-Every worker of the fleet shares the limits through Redis (TT_REDIS, by default
-redis://127.0.0.1:6379/0). See README.md for the two commands that run it.
+Every worker of the fleet shares the limits through Redis: TT_REDIS, by default
+redis://127.0.0.1:6379/0, which is also the broker and the result backend. Every key the
+example writes there starts with TT_NS (by default celery-llm), so it leaves the rest of the
+database alone. See README.md for the two commands that run it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ QUEUE = os.environ.get("TT_QUEUE", "celery_llm")
 NAMESPACE = os.environ.get("TT_NS", "celery-llm")
 
 app = Celery("celery_llm", broker=REDIS, backend=REDIS)
-app.conf.update(task_default_queue=QUEUE, broker_connection_retry_on_startup=True)
+app.conf.update(
+    task_default_queue=QUEUE,
+    broker_connection_retry_on_startup=True,
+    # Every key under the namespace: the broker's, the results', the parked tasks'.
+    broker_transport_options={"global_keyprefix": f"{NAMESPACE}:"},
+    result_backend_transport_options={"global_keyprefix": f"{NAMESPACE}:"},
+    taskthrottle_namespace=NAMESPACE,
+)
 taskthrottle.celery.install(app, lambda: Limiter(RedisStore.from_url(REDIS, namespace=NAMESPACE)))
 
 

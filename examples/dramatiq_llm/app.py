@@ -1,7 +1,9 @@
 """An LLM summarizer on Dramatiq: per-tenant rpm and tpm, one provider-wide tpm, real usage.
 
-Every worker process shares the limits through Redis (TT_REDIS, by default
-redis://127.0.0.1:6379/0). See README.md for the two commands that run it.
+Every worker process shares the limits through Redis: TT_REDIS, by default
+redis://127.0.0.1:6379/0, which is also the broker and the result backend. Every key the
+example writes there has TT_NS (by default dramatiq-llm) in its name, so it leaves the rest
+of the database alone. See README.md for the two commands that run it.
 """
 
 from __future__ import annotations

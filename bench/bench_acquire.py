@@ -1,4 +1,8 @@
-"""Acquire latency: taskthrottle against the floor (a bare EVALSHA) and a peer, in one run.
+"""Acquire latency: taskthrottle against the floor (a bare EVALSHA) and peers, in one run.
+
+Each strategy (token bucket, fixed window, sliding window) is measured next to the
+`limits` strategy that counts the same way: FixedWindow, MovingWindow (an exact sliding
+log) and SlidingWindowCounter, on the same Redis and in memory.
 
     python bench/bench_acquire.py --redis redis://127.0.0.1:6379/0 --iterations 20000
 
@@ -16,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -45,9 +50,27 @@ return ok
 Case = Callable[[], object]
 FLOOR_CASE = "floor: bare EVALSHA, 2-key token bucket"
 HIGH = 1_000_000_000  # limits so high that every call admits
+FIXED_CASE = "RedisStore acquire, fixed window, 1 limit"
+SLIDING_CASE = "RedisStore acquire, sliding window, 1 limit"
+LIMITS_FIXED = "peer: limits fixed window, 1 limit"
+LIMITS_MOVING = "peer: limits moving window, 1 limit"
+LIMITS_SLIDING = "peer: limits sliding window counter, 1 limit"
+MEMORY_FIXED = "MemoryStore acquire, fixed window, 1 limit"
+MEMORY_SLIDING = "MemoryStore acquire, sliding window, 1 limit"
+LIMITS_MEMORY_FIXED = "peer: limits fixed window in memory, 1 limit"
+LIMITS_MEMORY_MOVING = "peer: limits moving window in memory, 1 limit"
+LIMITS_MEMORY_SLIDING = "peer: limits sliding window counter in memory, 1 limit"
 #: What the issue's targets compare, each a paired ratio over the rounds: (case, reference).
 PAIRS = [
-    ("RedisStore acquire, 1 limit, consume given", "peer: limits fixed window, 1 limit"),
+    ("RedisStore acquire, 1 limit, consume given", LIMITS_FIXED),
+    ("RedisStore acquire, 1 limit", LIMITS_FIXED),
+    (FIXED_CASE, LIMITS_FIXED),
+    (SLIDING_CASE, LIMITS_SLIDING),
+    (SLIDING_CASE, LIMITS_MOVING),
+    ("MemoryStore acquire, 1 limit", LIMITS_MEMORY_FIXED),
+    (MEMORY_FIXED, LIMITS_MEMORY_FIXED),
+    (MEMORY_SLIDING, LIMITS_MEMORY_SLIDING),
+    (MEMORY_SLIDING, LIMITS_MEMORY_MOVING),
     ("RedisStore acquire, 2 limits, consume given", FLOOR_CASE),
     ("RedisStore acquire, 1 limit, consume given", "RedisStore acquire, 1 limit"),
     ("RedisStore acquire, 2 limits, consume given", "RedisStore acquire, 2 limits"),
@@ -65,6 +88,7 @@ def cases(url: str, namespace: str) -> dict[str, Case]:
     floor_sha = str(client.script_load(FLOOR_LUA))
     keys = (f"{{{namespace}}}:floor:a", f"{{{namespace}}}:floor:b")
     rpm, tpm = Limit.per_second("rpm", HIGH), Limit.per_second("tpm", HIGH)
+    fixed, sliding = window_limits()
     on_redis = Limiter(RedisStore.from_url(url, namespace=namespace))
     both = {"rpm": 1, "tpm": 500}
     found: dict[str, Case] = {
@@ -81,9 +105,18 @@ def cases(url: str, namespace: str) -> dict[str, Case]:
         "RedisStore acquire, 2 limits, consume given": lambda: on_redis.acquire(
             "tenant:1", [rpm, tpm], consume=both
         ),
+        FIXED_CASE: lambda: on_redis.acquire("tenant:1", [fixed]),
+        SLIDING_CASE: lambda: on_redis.acquire("tenant:1", [sliding]),
     }
     found.update(peer_cases(url, namespace))
     return found
+
+
+def window_limits() -> tuple[Limit, Limit]:
+    """A fixed and a sliding window of one second, set high so that every call admits."""
+    fixed = Limit.per_second("fixed", HIGH, strategy="fixed_window")
+    sliding = Limit.per_second("sliding", HIGH, strategy="sliding_window")
+    return fixed, sliding
 
 
 def peer_cases(url: str, namespace: str) -> dict[str, Case]:
@@ -93,17 +126,23 @@ def peer_cases(url: str, namespace: str) -> dict[str, Case]:
     try:
         from limits import RateLimitItemPerSecond
         from limits.storage import RedisStorage
-        from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+        from limits.strategies import (
+            FixedWindowRateLimiter,
+            MovingWindowRateLimiter,
+            SlidingWindowCounterRateLimiter,
+        )
     except ImportError:
         return found
     storage = RedisStorage(url, key_prefix=f"{namespace}-limits")
     high = RateLimitItemPerSecond(HIGH)
     fixed, moving = FixedWindowRateLimiter(storage), MovingWindowRateLimiter(storage)
-    found["peer: limits fixed window, 1 limit"] = lambda: fixed.hit(high, "one", "rpm")
+    counter = SlidingWindowCounterRateLimiter(storage)
+    found[LIMITS_FIXED] = lambda: fixed.hit(high, "one", "rpm")
     found["peer: limits fixed window, 2 limits (2 calls)"] = lambda: (
         fixed.hit(high, "fixed", "rpm") and fixed.hit(high, "fixed", "tpm")
     )
-    found["peer: limits moving window, 1 limit"] = lambda: moving.hit(high, "moving", "rpm")
+    found[LIMITS_MOVING] = lambda: moving.hit(high, "moving", "rpm")
+    found[LIMITS_SLIDING] = lambda: counter.hit(high, "counter", "rpm")
     try:
         import throttled
     except ImportError:
@@ -122,6 +161,7 @@ def memory_cases() -> dict[str, Case]:
     """The embedded store, measured on its own (interleaving it with network calls would
     measure cold caches instead), next to the least a 2-limit bucket in a dict can do."""
     rpm, tpm = Limit.per_second("rpm", HIGH), Limit.per_second("tpm", HIGH)
+    fixed, sliding = window_limits()
     in_memory = Limiter(MemoryStore())
     found: dict[str, Case] = {
         "floor: dict token bucket, 2 limits, one lock": DictBuckets().acquire,
@@ -130,16 +170,34 @@ def memory_cases() -> dict[str, Case]:
         "MemoryStore acquire, 2 limits, consume given": lambda: in_memory.acquire(
             "tenant:1", [rpm, tpm], consume={"rpm": 1, "tpm": 500}
         ),
+        MEMORY_FIXED: lambda: in_memory.acquire("tenant:1", [fixed]),
+        MEMORY_SLIDING: lambda: in_memory.acquire("tenant:1", [sliding]),
     }
     try:
         from limits import RateLimitItemPerSecond
         from limits.storage import MemoryStorage
-        from limits.strategies import FixedWindowRateLimiter
+        from limits.strategies import (
+            FixedWindowRateLimiter,
+            MovingWindowRateLimiter,
+            SlidingWindowCounterRateLimiter,
+        )
     except ImportError:
         return found
-    fixed, high = FixedWindowRateLimiter(MemoryStorage()), RateLimitItemPerSecond(HIGH)
-    found["peer: limits fixed window in memory, 1 limit"] = lambda: fixed.hit(high, "one")
+    storage, high = MemoryStorage(), RateLimitItemPerSecond(HIGH)
+    peers: tuple[type[Any], ...] = (
+        FixedWindowRateLimiter,
+        MovingWindowRateLimiter,
+        SlidingWindowCounterRateLimiter,
+    )
+    names = (LIMITS_MEMORY_FIXED, LIMITS_MEMORY_MOVING, LIMITS_MEMORY_SLIDING)
+    for name, peer in zip(names, peers, strict=True):
+        found[name] = hitting(peer(storage), high)
     return found
+
+
+def hitting(limiter: Any, item: Any) -> Case:
+    """A call of a `limits` strategy's ``hit`` of ``item`` under one key."""
+    return lambda: limiter.hit(item, "one")
 
 
 class DictBuckets:

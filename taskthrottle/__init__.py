@@ -26,7 +26,7 @@ from taskthrottle._limiter import AsyncLimiter, Limiter
 from taskthrottle._limits import Limit
 from taskthrottle._memory import MemoryStore
 from taskthrottle._store import AsyncStore, BreakerReply, BreakerSpec, Outcome, Store
-from taskthrottle._throttle import Throttle, current_lease, throttled
+from taskthrottle._throttle import EXEMPT, Throttle, current_lease, throttled
 
 if TYPE_CHECKING:
     from taskthrottle._redis import AsyncRedisStore as AsyncRedisStore
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 
 # What every install has: `from taskthrottle import *` never needs the redis extra. The
 # Redis stores are imported by name (`from taskthrottle import RedisStore`), on first use.
-__all__ = [
+__all__ = [  # noqa: RUF022  (plainly sorted: tests/test_public_api.py)
     "AsyncLease",
     "AsyncLimiter",
     "AsyncReservation",
@@ -46,6 +46,7 @@ __all__ = [
     "BreakerReply",
     "BreakerSpec",
     "BreakerState",
+    "EXEMPT",
     "Entry",
     "InvalidInput",
     "InvalidType",

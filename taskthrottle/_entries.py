@@ -12,16 +12,18 @@ from typing import NamedTuple
 from taskthrottle._exceptions import InvalidInput, InvalidType, RequestTooLarge
 from taskthrottle._limits import MAX_EXACT, Limit
 
-#: Entry kinds, as sent to a store.
-BUCKET, CONCURRENCY, QUOTA = 0, 1, 2
+#: Entry kinds, as sent to a store. A fixed window and a calendar quota are one kind.
+BUCKET, CONCURRENCY, QUOTA, SLIDING = 0, 1, 2, 3
+FIXED = QUOTA
 
 
 class Entry(NamedTuple):
     """One limit under one key, and the millitokens an operation charges it.
 
     ``cap`` is the capacity in millitokens; a bucket refills ``refill``
-    millitokens every ``period`` milliseconds; a quota resets every ``period``
-    milliseconds of UTC time.
+    millitokens every ``period`` milliseconds; a fixed window (a quota) counts
+    per ``period`` milliseconds since the epoch, and a sliding window over the last
+    ``period`` (its ``refill`` is its ``cap``, see `Limit.per_period`).
     """
 
     key: str
@@ -37,7 +39,13 @@ KeyLimits = Mapping[str, Sequence[Limit]]
 Target = str | KeyLimits
 Consume = Mapping[str, float]
 
-_KINDS = {"bucket": BUCKET, "concurrency": CONCURRENCY, "quota": QUOTA}
+_KINDS = {
+    "bucket": BUCKET,
+    "concurrency": CONCURRENCY,
+    "quota": FIXED,
+    "fixed_window": FIXED,
+    "sliding_window": SLIDING,
+}
 #: Longest key accepted, in characters; longer keys are almost always a bug.
 MAX_KEY_LENGTH = 4096
 

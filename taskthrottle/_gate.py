@@ -72,7 +72,8 @@ def book_turn(
     once: bool = False,
 ) -> Lease | Defer | None:
     """What one delivery of a throttled task does: run now under a `Lease`, or wait
-    (`Defer`). ``attempt`` counts the task's retries: each pays again.
+    (`Defer`). ``attempt`` counts the task's retries: each pays again. A delivery exempt
+    from every throttle runs under a lease that calls no store.
 
     ``once``: this delivery must not run if it was granted before (its message was
     acknowledged before it ran, so a second delivery is a duplicate: a lost ack, a reused
@@ -83,7 +84,11 @@ def book_turn(
     lease back and defers the task to when a call could pass. Any other error there (a
     breaker never made in this process) gives the lease back too, and is raised.
     """
+    if not ask.target:  # every throttle's key callable said EXEMPT
+        return state.limiter().exempt(ask.exempt)
     turn = _book_turn(state, ask, message_id, meta, attempt, once=once)
+    if isinstance(turn, Lease):
+        turn.exempt = ask.exempt  # the body may adjust the limits it is exempt from: no-ops
     if not (ask.breakers and isinstance(turn, Lease)):
         return turn
     try:

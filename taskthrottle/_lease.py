@@ -24,14 +24,31 @@ if TYPE_CHECKING:
 class _LeaseBase:
     """The entries a lease charged, with its net charge on each."""
 
-    __slots__ = ("__weakref__", "_entries", "_pending", "_steps", "granted_at", "id", "released")
+    __slots__ = (
+        "__weakref__",
+        "_entries",
+        "_pending",
+        "_steps",
+        "exempt",
+        "granted_at",
+        "id",
+        "released",
+    )
 
-    def __init__(self, lease_id: str, entries: list[Entry], granted_at: float) -> None:
+    def __init__(
+        self,
+        lease_id: str,
+        entries: list[Entry],
+        granted_at: float,
+        exempt: frozenset[str] = frozenset(),
+    ) -> None:
         #: The lease id; the store knows the lease's slots by it.
         self.id = lease_id
         #: When the store granted the lease, on the store's clock (seconds).
         self.granted_at = granted_at
         self.released = False
+        #: The limits this lease is exempt from (see `Limiter.exempt`): `adjust` ignores them.
+        self.exempt = exempt
         self._entries = entries
         self._steps = 0
         #: The deltas of an adjust whose store call failed: a retry must send the same op.
@@ -48,6 +65,8 @@ class _LeaseBase:
         for name, value in changes.items():
             delta = milli_amount(value, "adjust({}=...)", name, signed=True)
             matched = [e for e in self._entries if e.name == name]
+            if not matched and name in self.exempt:
+                continue
             if not matched:
                 known = sorted({e.name for e in self._entries})
                 msg = f"adjust names limit {name!r}, which this lease does not hold (holds {known})"
@@ -115,9 +134,14 @@ class Lease(_LeaseBase):
     __slots__ = ("_renewal", "_store")
 
     def __init__(
-        self, store: Store, lease_id: str, entries: list[Entry], granted_at: float = 0.0
+        self,
+        store: Store,
+        lease_id: str,
+        entries: list[Entry],
+        granted_at: float = 0.0,
+        exempt: frozenset[str] = frozenset(),
     ) -> None:
-        super().__init__(lease_id, entries, granted_at)
+        super().__init__(lease_id, entries, granted_at, exempt)
         self._store = store
         self._renewal: tuple[Renewer, int] | None = None
 
@@ -163,9 +187,14 @@ class AsyncLease(_LeaseBase):
     __slots__ = ("_store",)
 
     def __init__(
-        self, store: AsyncStore, lease_id: str, entries: list[Entry], granted_at: float = 0.0
+        self,
+        store: AsyncStore,
+        lease_id: str,
+        entries: list[Entry],
+        granted_at: float = 0.0,
+        exempt: frozenset[str] = frozenset(),
     ) -> None:
-        super().__init__(lease_id, entries, granted_at)
+        super().__init__(lease_id, entries, granted_at, exempt)
         self._store = store
 
     async def adjust(self, **changes: float) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from taskthrottle._algorithms import refill_time
 from taskthrottle._entries import (
     BUCKET,
     CONCURRENCY,
-    QUOTA,
+    FIXED,
     Consume,
     Entry,
     Target,
@@ -115,12 +115,22 @@ def _wait(charged: list[Entry], levels: list[int], ttl_ms: int) -> float:
             continue
         if e.kind == BUCKET:
             waits.append(refill_time(short, e.refill, e.period))
-        elif e.kind == QUOTA:
-            now = round(time.time() * 1000)
-            waits.append((now // e.period + 1) * e.period - now)
-        else:
+        elif e.kind == CONCURRENCY:
             waits.append(ttl_ms)
+        else:
+            # A fixed window fits again once enough windows have started to repay what it
+            # is short; a sliding window surely once its count has gone by, a window later.
+            now = round(time.time() * 1000)
+            windows = -(-short // e.cap) if e.kind == FIXED else -(-(e.cap - level) // e.cap) + 1
+            waits.append((now // e.period + windows) * e.period - now)
     return max(waits) / 1000
+
+
+def _report_exempt(metrics: Metrics | None) -> None:
+    """Tell ``metrics`` of an exempt request, when they count those (an ``exempt`` method)."""
+    hook = getattr(metrics, "exempt", None)
+    if hook is not None:
+        hook()
 
 
 #: Pushbacks longer than `MAX_DURATION`, held for that long: the first is logged.
@@ -346,12 +356,21 @@ class Limiter:
     ) -> float:
         """Seconds an acquire of this request would wait now (0.0: it would pass); read-only.
 
-        Exact for buckets to the millisecond; a full quota counts until its next reset
-        on this machine's clock; a full concurrency limit counts as the lease TTL, the
-        longest its holders can keep their slots.
+        Exact for buckets to the millisecond, and for fixed windows (quotas too) to the
+        start of the window it fits in, on this machine's clock; a full sliding window
+        counts until its count has surely gone by (an upper bound); a full concurrency
+        limit counts as the lease TTL, the longest its holders can keep their slots.
         """
         charged = entries(target, limits, consume)
         return _wait(charged, self._guarded.peek(charged), self._ttl_ms)
+
+    def exempt(self, names: Iterable[str] = ()) -> Lease:
+        """A lease for a request exempt from its limits (a key callable of `throttled`
+        returned `EXEMPT`): it charges nothing and calls no store, and is reported to
+        ``metrics`` as exempt (when they have an ``exempt`` method). ``names``: the limits
+        it is exempt from, which its `Lease.adjust` ignores."""
+        _report_exempt(self.metrics)
+        return Lease(self._guarded, new_id(), [], time.time(), exempt=frozenset(names))
 
     def reset(self, key: str) -> None:
         """Make every limit under ``key`` full again (and forget its slots)."""
@@ -529,6 +548,11 @@ class AsyncLimiter:
         """See `Limiter.wait_time`."""
         charged = entries(target, limits, consume)
         return _wait(charged, await self._guarded.peek(charged), self._ttl_ms)
+
+    def exempt(self, names: Iterable[str] = ()) -> AsyncLease:
+        """See `Limiter.exempt`."""
+        _report_exempt(self.metrics)
+        return AsyncLease(self._guarded, new_id(), [], time.time(), exempt=frozenset(names))
 
     async def reset(self, key: str) -> None:
         """See `Limiter.reset`."""

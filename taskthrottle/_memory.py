@@ -18,7 +18,7 @@ from taskthrottle import _algorithms as alg
 from taskthrottle import _circuit
 from taskthrottle import _memory_keys as keys
 from taskthrottle._deferrals import Deferrals, MemoryDeferrals, RedisDeferrals
-from taskthrottle._entries import BUCKET, CONCURRENCY, QUOTA, Entry
+from taskthrottle._entries import BUCKET, CONCURRENCY, Entry
 from taskthrottle._memory_keys import HELD, Locks, OpMemory, Slots, Stripe
 from taskthrottle._store import (
     BreakerReply,
@@ -84,7 +84,7 @@ class MemoryStore:
                 violations = tuple(
                     (i, look[0])
                     for i, (look, e) in enumerate(zip(looks, entries, strict=True))
-                    if look[0] > (max_wait_ms if e.kind == BUCKET else 0)
+                    if look[0] > (0 if e.kind == CONCURRENCY else max_wait_ms)
                 )
                 if violations:
                     return Outcome(False, delay, now, violations)
@@ -170,7 +170,7 @@ class MemoryStore:
         violations = tuple(
             (i, wait)
             for i, (wait, e) in enumerate(zip(waits, entries, strict=True))
-            if wait > (max_wait_ms if e.kind == BUCKET else 0)
+            if wait > (0 if e.kind == CONCURRENCY else max_wait_ms)
         )
         return Outcome(False, max(waits), now, violations)
 
@@ -234,11 +234,9 @@ class MemoryStore:
 
     def _available(self, e: Entry, now: int) -> int:
         _, state, _ = keys.look(self._stripes, e, now)
-        if e.kind == BUCKET:
-            return e.cap - (state[2] if state else 0)
-        if e.kind == QUOTA:
-            return e.cap - int(state)
-        return e.cap - int(state.held)
+        if e.kind == CONCURRENCY:
+            return e.cap - int(state.held)
+        return e.cap - keys.used(e, state)
 
     def reset(self, key: str) -> None:
         """See `taskthrottle.Store.reset`."""
@@ -253,7 +251,7 @@ class MemoryStore:
         with stripe.lock:
             for e in remaining:
                 look = keys.look(self._stripes, e._replace(amount=0), now)
-                used = look[1] if e.kind == QUOTA else (look[1] or (0, 0, 0))[2]
+                used = keys.used(e, look[1])
                 keys.charge(
                     self._stripes,
                     e._replace(amount=max(0, e.cap - e.amount - used)),

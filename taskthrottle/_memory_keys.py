@@ -14,7 +14,7 @@ from operator import itemgetter
 from typing import Any
 
 from taskthrottle import _algorithms as alg
-from taskthrottle._entries import BUCKET, CONCURRENCY, QUOTA, Entry
+from taskthrottle._entries import BUCKET, CONCURRENCY, FIXED, SLIDING, Entry
 from taskthrottle._store import OP_MEMORY_MS
 
 #: At most this many ids are remembered in memory; past it the half whose memory ends
@@ -187,9 +187,13 @@ def look(
         level = alg.bucket_level(raw, now, refill, period)
         wait = alg.bucket_wait(level, now, cap, refill, period, amount)
         return max(wait, held), level, key_state
-    if kind == QUOTA:
-        used = alg.quota_used(raw, now, period)
-        return max(alg.quota_wait(used, now, cap, period, amount), held), used, key_state
+    if kind == FIXED:
+        window = alg.window_level(raw, now, cap, period)
+        return max(alg.window_wait(window, now, cap, period, amount), held), window, key_state
+    if kind == SLIDING:
+        sliding = alg.sliding_level(raw, now, cap, period)
+        wait = alg.sliding_wait(sliding, now, cap, period, amount)
+        return max(wait, held), sliding, key_state
     slots: Slots = raw or Slots()
     # Refusals too forget the expired leases, under the stripe's lock: this changes
     # nothing anyone can see, and the next call need not pass them again.
@@ -205,6 +209,13 @@ def look(
     return alg.slots_wait(used, leases, now, cap, amount, ttl_ms), slots, key_state
 
 
+def used(e: Entry, level: Any) -> int:
+    """What the bucket or window that `look` found holds now, in millitokens."""
+    if e.kind == FIXED:
+        return int(level[0])
+    return 0 if level is None else int(level[-1])  # a bucket's or a sliding window's
+
+
 def charge(
     stripes: list[Stripe],
     e: Entry,
@@ -215,14 +226,17 @@ def charge(
 ) -> None:
     """Add ``e.amount`` to the field that `look` found."""
     _, state, key_state = look
+    new: Any
     if e.kind == BUCKET:
         new = alg.bucket_add(state, now, e.amount)
         # An upper bound of the time to full is enough to decide when to drop the key.
         until = 0 if new is None else new[1] + new[0] * e.period // e.refill + 1
-    elif e.kind == QUOTA:
-        used = max(0, state + e.amount)
-        new = (used, now // e.period) if used else None
-        until = (now // e.period + 1) * e.period
+    elif e.kind == FIXED:
+        new = alg.window_add(state, e.amount)
+        until = 0 if new is None else alg.window_until(new, e.cap, e.period)
+    elif e.kind == SLIDING:
+        new = alg.sliding_add(state, e.amount)
+        until = 0 if new is None else alg.sliding_until(new, e.cap, e.period)
     else:
         new, until = state, expiry
         state.add(lease_id, e.amount, expiry)

@@ -9,7 +9,9 @@ from taskthrottle._exceptions import StoreError, Throttled
 
 
 class Metrics(Protocol):
-    """What a `Limiter` reports of each acquire and reservation, when given one."""
+    """What a `Limiter` reports of each acquire and reservation, when given one. Metrics
+    with an ``exempt()`` method also hear of each request exempt from its limits (see
+    `taskthrottle.Limiter.exempt`); it is optional, so that older metrics still fit."""
 
     def granted(self, delay: float) -> None:
         """A request was granted, its turn ``delay`` seconds away (0.0: now)."""

@@ -129,7 +129,9 @@ class State:
             limits = default.pop("limits", ())
             key, consume = default.pop("key", None), default.pop("consume", None)
             breaker = default.pop("breaker", None)
-            self.default = (throttle_spec(tuple(limits), key, consume, default, breaker),)
+            strategy = default.pop("strategy", "token_bucket")
+            spec = throttle_spec(tuple(limits), key, consume, default, breaker, strategy)
+            self.default = (spec,)
         if isinstance(limiter, Limiter):
             self._limiter = self._configure(limiter)
 

@@ -18,26 +18,49 @@ from typing import Any, TypeVar
 from taskthrottle._entries import milli_amount
 from taskthrottle._exceptions import InvalidInput, InvalidType
 from taskthrottle._lease import Lease
-from taskthrottle._limits import Limit
+from taskthrottle._limits import Limit, Strategy, check_strategy
+
+
+class Exempt:
+    """The type of `EXEMPT`, of which there is one."""
+
+    def __repr__(self) -> str:
+        return "EXEMPT"
+
+    def __reduce__(self) -> str:
+        return "EXEMPT"  # pickles as the one instance
+
+
+#: What a key callable of `throttled` returns for a call exempt from that throttle: its
+#: limits (and breaker) are skipped, and a task exempt from all of its throttles runs with
+#: no store call at all, counted by the metrics as exempt.
+EXEMPT = Exempt()
 
 F = TypeVar("F")
-KeySpec = str | Callable[..., str]
+KeySpec = str | Callable[..., "str | Exempt"]
 Amount = float | Callable[..., float]
 
 #: The attribute `throttled` stores its specs under.
 ATTRIBUTE = "__taskthrottle__"
 
-_KEYWORDS: dict[str, Callable[[str, float], Limit]] = {
-    "rps": Limit.per_second,
-    "rpm": Limit.per_minute,
-    "rph": Limit.per_hour,
-    "rpd": Limit.per_day,
-    "tps": Limit.per_second,
-    "tpm": Limit.per_minute,
-    "tph": Limit.per_hour,
-    "tpd": Limit.per_day,
-    "concurrency": Limit.concurrency,
+#: Keyword limits and their periods (seconds); "concurrency" has none.
+_KEYWORDS: dict[str, float] = {
+    "rps": 1.0,
+    "rpm": 60.0,
+    "rph": 3600.0,
+    "rpd": 86400.0,
+    "tps": 1.0,
+    "tpm": 60.0,
+    "tph": 3600.0,
+    "tpd": 86400.0,
+    "concurrency": 0.0,
 }
+
+
+def _keyword_limit(name: str, value: float, strategy: Strategy) -> Limit:
+    if name == "concurrency":
+        return Limit.concurrency(name, value)
+    return Limit.per_period(name, value, _KEYWORDS[name], strategy=strategy)
 
 
 @dataclass(frozen=True)
@@ -67,18 +90,22 @@ def throttled(
     tpd: float | None = None,
     concurrency: float | None = None,
     breaker: str | None = None,
+    strategy: Strategy = "token_bucket",
 ) -> Callable[[F], F]:
     """Record limits on a task function; the Celery and Dramatiq integrations enforce them.
 
     Keyword limits (``rpm=500``, ``tpm=90_000``, ``concurrency=4``) become limits of those
-    names; `Limit` objects may be given too. ``key`` says whose budget is spent; ``consume``
-    maps limit names to amounts or to callables of the task's arguments. Stacked
-    ``@throttled`` decorators form one all-or-nothing lease. ``breaker`` names a
-    `Breaker`: while it refuses calls the task waits, rescheduled like a throttled one.
+    names, counted by ``strategy`` ("token_bucket", "fixed_window" or "sliding_window");
+    `Limit` objects may be given too. ``key`` says whose budget is spent: a template over
+    the task's arguments, or a callable of them, which may return `EXEMPT` to skip this
+    throttle for that call. ``consume`` maps limit names to amounts or to callables of the
+    task's arguments. Stacked ``@throttled`` decorators form one all-or-nothing lease.
+    ``breaker`` names a `Breaker`: while it refuses calls the task waits, rescheduled like
+    a throttled one.
     """
     given = {"rps": rps, "rpm": rpm, "rph": rph, "rpd": rpd, "tps": tps, "tpm": tpm}
     given |= {"tph": tph, "tpd": tpd, "concurrency": concurrency}
-    spec = throttle_spec(limits, key, consume, given, breaker)
+    spec = throttle_spec(limits, key, consume, given, breaker, strategy)
 
     def decorate(func: F) -> F:
         check_key_fields(spec, func)
@@ -97,15 +124,29 @@ def throttle_spec(
     consume: Mapping[str, Amount] | None,
     keywords: Mapping[str, float | None],
     breaker: str | None = None,
+    strategy: Strategy = "token_bucket",
 ) -> Throttle:
     """The `Throttle` one ``throttled(...)`` records, checked; ``keywords`` are the keyword
-    limits (``{"rpm": 500}``)."""
+    limits (``{"rpm": 500}``), counted by ``strategy``."""
     if breaker is not None and not (isinstance(breaker, str) and breaker):
         raise InvalidType(f"breaker must name a Breaker, got {breaker!r}")
     unknown = sorted(set(keywords) - set(_KEYWORDS))
     if unknown:
         raise InvalidInput(f"unknown keyword limits {unknown} (known: {sorted(_KEYWORDS)})")
-    built = [_KEYWORDS[name](name, value) for name, value in keywords.items() if value is not None]
+    check_strategy(strategy, "throttled()")
+    if strategy != "token_bucket" and not any(
+        value is not None for name, value in keywords.items() if name != "concurrency"
+    ):
+        msg = (
+            f"throttled(strategy={strategy!r}) applies to keyword limits (rpm=..., tph=...), "
+            "and none is given: give a Limit its strategy instead"
+        )
+        raise InvalidInput(msg)
+    built = [
+        _keyword_limit(name, value, strategy)
+        for name, value in keywords.items()
+        if value is not None
+    ]
     for limit in limits:
         if not isinstance(limit, Limit):
             msg = f"throttled() takes Limit objects and keyword limits, got {limit!r}"
@@ -208,6 +249,9 @@ class Request:
     consume: dict[str, float]
     #: The breakers the task waits for, by name.
     breakers: tuple[str, ...] = ()
+    #: The limits of throttles whose key callable returned `EXEMPT` for this call (those
+    #: that no other throttle of the call charges); no target at all: the call is exempt.
+    exempt: frozenset[str] = frozenset()
 
 
 def plan(
@@ -217,19 +261,30 @@ def plan(
     kwargs: Mapping[str, Any],
     default_key: str,
 ) -> Request:
-    """The request a call makes: every throttle's key formatted with the call's arguments."""
+    """The request a call makes: every throttle's key formatted with the call's arguments.
+    A throttle whose key callable returns `EXEMPT` is skipped, limits and breaker; the
+    amounts of ``consume`` are computed only for the limits still charged."""
     bound: dict[str, Any] | None = None
     target: dict[str, list[Limit]] = {}
     consume: dict[str, float] = {}
-    breakers = tuple(dict.fromkeys(spec.breaker for spec in throttles if spec.breaker))
+    kept: list[Throttle] = []
+    skipped: set[str] = set()
     for spec in throttles:
         if bound is None and isinstance(spec.key, str) and "{" in spec.key:
             bound = _arguments(func, args, kwargs)
         key = _key(spec.key, default_key, bound or {}, func, args, kwargs)
+        if isinstance(key, Exempt):
+            skipped.update(limit.name for limit in spec.limits)
+            continue
+        kept.append(spec)
         target.setdefault(key, []).extend(spec.limits)
+    charged = {limit.name for limits in target.values() for limit in limits}
+    for spec in throttles:  # a consume of one throttle may name another's limit
         for name, amount in spec.consume.items():
-            consume[name] = amount(*args, **kwargs) if callable(amount) else amount
-    return Request(target, consume, breakers)
+            if name in charged:
+                consume[name] = amount(*args, **kwargs) if callable(amount) else amount
+    breakers = tuple(dict.fromkeys(spec.breaker for spec in kept if spec.breaker))
+    return Request(target, consume, breakers, frozenset(skipped - charged))
 
 
 def _arguments(
@@ -250,11 +305,12 @@ def _key(
     func: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
-) -> str:
+) -> str | Exempt:
     if spec is None:
         return default
     if callable(spec):
-        return str(spec(*args, **kwargs))
+        key = spec(*args, **kwargs)
+        return key if key is EXEMPT else str(key)
     try:
         return _KEY_FORMATTER.format(spec, **bound)
     except (KeyError, IndexError) as exc:

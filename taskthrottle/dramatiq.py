@@ -445,7 +445,8 @@ def _throttles_of(actor: Any) -> tuple[Throttle, ...]:
         limits = option.pop("limits", ())  # Limit objects, for what keywords cannot say
         key, consume = option.pop("key", None), option.pop("consume", None)
         breaker = option.pop("breaker", None)
-        spec = throttle_spec(tuple(limits), key, consume, option, breaker)
+        strategy = option.pop("strategy", "token_bucket")
+        spec = throttle_spec(tuple(limits), key, consume, option, breaker, strategy)
         check_key_fields(spec, actor.fn)
         found = (*found, spec)
     return found

@@ -33,7 +33,8 @@ class PrometheusMetrics:
     """`Metrics` as Prometheus series, registered in ``registry`` (the default one if None):
 
     - ``<prefix>_requests_total{outcome}``: "granted" (now), "delayed" (a reservation whose
-      turn is ahead), "throttled" or "failed";
+      turn is ahead), "throttled", "failed", or "exempt" (a task whose key callables
+      returned `taskthrottle.EXEMPT`: no store call);
     - ``<prefix>_refusals_total{limit}``: the limits that refused, by name;
     - ``<prefix>_delay_seconds``: how far ahead granted turns were;
     - ``<prefix>_breaker_transitions_total{breaker,state}``: breaker transitions, each
@@ -77,7 +78,7 @@ class PrometheusMetrics:
             ["breaker"],
             **where,
         )
-        outcomes = ("granted", "delayed", "throttled", "failed")
+        outcomes = ("granted", "delayed", "throttled", "failed", "exempt")
         self._outcomes = {outcome: self.requests.labels(outcome) for outcome in outcomes}
 
     def granted(self, delay: float) -> None:
@@ -94,6 +95,10 @@ class PrometheusMetrics:
     def failed(self, exc: StoreError) -> None:
         """Count a store failure."""
         self._outcomes["failed"].inc()
+
+    def exempt(self) -> None:
+        """Count a request exempt from its limits (see `taskthrottle.Limiter.exempt`)."""
+        self._outcomes["exempt"].inc()
 
     def breaker_changed(self, breaker: str, state: str) -> None:
         """Count a breaker transition."""

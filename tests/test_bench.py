@@ -38,6 +38,9 @@ def test_acquire_benchmark_runs(redis_url: str, tmp_path: Path) -> None:
         "RedisStore acquire, 2 limits, consume given",
         "MemoryStore acquire",
         "Paired comparisons",
+        "RedisStore acquire, fixed window, 1 limit | peer: limits fixed window, 1 limit",
+        "RedisStore acquire, sliding window, 1 limit | peer: limits sliding window counter",
+        "MemoryStore acquire, sliding window, 1 limit | peer: limits moving window in memory",
     ):
         assert case in text
     assert "redis-server" in text

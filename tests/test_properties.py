@@ -1,12 +1,15 @@
 """Random operation sequences: every store must answer exactly as a tiny reference model.
 
 The model keeps tokens as exact fractions (`fractions.Fraction`) and refills them
-continuously, the textbook way; the stores keep integer debits and anchors. Any
-difference in a decision, a wait or an available amount fails the test.
+continuously, the textbook way; the stores keep integer debits and anchors. Windows (a
+fixed window, a quota, a sliding window) it steps forward one window at a time, weighs
+with fractions, and searches their waits instead of solving for them. Any difference in a
+decision, a wait or an available amount fails the test.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,18 +31,23 @@ LIMITS = [
     Limit.quota("q", 40, per="hour"),
     Limit.concurrency("c", 3),
     Limit.concurrency("d", 4),  # a second name in the same key's slots
+    Limit.per_period("f", 4, 2.0, strategy="fixed_window"),
+    Limit.per_period("w", 5, 1.5, strategy="sliding_window"),
 ]
+WINDOWS = ("quota", "fixed_window")
 KEYS = ["a", "b"]
 TTL_MS = 4000
 
 
 class Model:
-    """Token buckets on exact fractions, quotas per window, slots with expiries."""
+    """Token buckets on exact fractions, fixed windows (quotas) with their debt carried,
+    sliding windows weighed with fractions, slots with expiries."""
 
     def __init__(self, now: int) -> None:
         self.now = now
         self.tokens: dict[tuple[str, str], tuple[Fraction, int]] = {}
         self.quota: dict[tuple[str, str], tuple[int, int]] = {}
+        self.sliding: dict[tuple[str, str], tuple[int, int, int]] = {}
         self.slots: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
 
     def bucket(self, key: str, limit: Limit) -> Fraction:
@@ -47,9 +55,52 @@ class Model:
         tokens, at = self.tokens.get((key, limit.name), (Fraction(cap), self.now))
         return min(Fraction(cap), tokens + max(0, self.now - at) * Fraction(refill, period))
 
-    def used_quota(self, key: str, limit: Limit) -> int:
-        used, window = self.quota.get((key, limit.name), (0, -1))
-        return used if window == self.now // limit.spec[2] else 0
+    def used_quota(self, key: str, limit: Limit, at: int | None = None) -> int:
+        """What a fixed window counts at ``at`` (now): each window that starts gives back
+        a cap of what was counted, what is left over being debt."""
+        cap, _, period = limit.spec
+        at = self.now if at is None else at
+        used, window = self.quota.get((key, limit.name), (0, at // period))
+        for _ in range(window, at // period):
+            used = max(0, used - cap)
+        return used
+
+    def window_state(self, key: str, limit: Limit, at: int) -> tuple[int, int]:
+        """A sliding window's count and previous count at ``at``, stepped window by
+        window: each window that starts moves up to a cap of the count to previous."""
+        cap, _, period = limit.spec
+        count, previous, window = self.sliding.get((key, limit.name), (0, 0, at // period))
+        for _ in range(window, at // period):
+            previous = min(cap, count)
+            count -= previous
+        return count, previous
+
+    def used_sliding(self, key: str, limit: Limit, at: int | None = None) -> int:
+        """The count plus the previous count weighed by the share of the previous window
+        still within the last period, rounded up."""
+        at = self.now if at is None else at
+        period = limit.spec[2]
+        count, previous = self.window_state(key, limit, at)
+        share = Fraction(period - at % period, period)
+        return count + math.ceil(previous * share)
+
+    def window_wait(self, key: str, limit: Limit, amount: int) -> int:
+        """The first instant at which ``amount`` fits, searched: the first window that it
+        fits by its last millisecond, then bisected within it (what a window holds only
+        shrinks within a window)."""
+        cap, _, period = limit.spec
+        used = self.used_quota if limit.kind in WINDOWS else self.used_sliding
+        low, end = self.now, (self.now // period + 1) * period
+        while used(key, limit, end - 1) + amount > cap:
+            low, end = end, end + period
+        high = end - 1
+        while low < high:
+            middle = (low + high) // 2
+            if used(key, limit, middle) + amount <= cap:
+                high = middle
+            else:
+                low = middle + 1
+        return low - self.now
 
     def live(self, key: str, limit: Limit) -> dict[str, tuple[int, int]]:
         held = self.slots.get((key, limit.name), {})
@@ -60,10 +111,8 @@ class Model:
         if limit.kind == "bucket":
             short = amount - self.bucket(key, limit)
             return max(0, -(-short * period // refill))
-        if limit.kind == "quota":
-            if self.used_quota(key, limit) + amount <= cap:
-                return 0
-            return (self.now // period + 1) * period - self.now
+        if limit.kind in (*WINDOWS, "sliding_window"):
+            return self.window_wait(key, limit, amount)
         held = sorted(self.live(key, limit).values(), key=lambda s: s[1])
         used = sum(w for w, _ in held)
         for weight, expiry in [(0, self.now), *held]:
@@ -76,17 +125,22 @@ class Model:
         cap = limit.spec[0]
         if limit.kind == "bucket":
             return int(self.bucket(key, limit) // 1)
-        if limit.kind == "quota":
+        if limit.kind in WINDOWS:
             return cap - self.used_quota(key, limit)
+        if limit.kind == "sliding_window":
+            return cap - self.used_sliding(key, limit)
         return cap - sum(w for w, _ in self.live(key, limit).values())
 
     def add(self, key: str, limit: Limit, amount: int, lease_id: str, expiry: int) -> None:
         field = (key, limit.name)
         if limit.kind == "bucket":
             self.tokens[field] = (self.bucket(key, limit) - amount, self.now)
-        elif limit.kind == "quota":
+        elif limit.kind in WINDOWS:
             used = max(0, self.used_quota(key, limit) + amount)
             self.quota[field] = (used, self.now // limit.spec[2])
+        elif limit.kind == "sliding_window":
+            count, previous = self.window_state(key, limit, self.now)
+            self.sliding[field] = (max(0, count + amount), previous, self.now // limit.spec[2])
         else:
             self.slots[field] = {**self.live(key, limit), lease_id: (amount, expiry)}
 
@@ -98,7 +152,7 @@ class Model:
         refused = {
             (key, lim.name, w)
             for key, lim, w in waits
-            if w > (max_wait if lim.kind == "bucket" else 0)
+            if w > (0 if lim.kind == "concurrency" else max_wait)
         }
         if refused:
             return False, worst, refused
@@ -126,15 +180,17 @@ ops = st.lists(
         st.tuples(
             st.just("acquire"),
             st.sets(st.sampled_from(KEYS), min_size=1),
-            st.lists(st.sampled_from(LIMITS), min_size=1, max_size=5, unique=True),
-            st.dictionaries(st.sampled_from(["b", "s", "q", "c", "d"]), amounts, max_size=3),
+            st.lists(st.sampled_from(LIMITS), min_size=1, max_size=7, unique=True),
+            st.dictionaries(
+                st.sampled_from(["b", "s", "q", "c", "d", "f", "w"]), amounts, max_size=3
+            ),
             st.sampled_from([0, 0, 700, 5000]),
         ),
         st.tuples(st.just("advance"), st.integers(0, 3000)),
         st.tuples(
             st.just("adjust"),
             st.integers(0, 50),
-            st.sampled_from(["b", "s", "q"]),
+            st.sampled_from(["b", "s", "q", "f", "w"]),
             st.integers(-3000, 4000),
         ),
         st.tuples(st.just("release"), st.integers(0, 50)),

@@ -288,6 +288,8 @@ def _eager(state: State, ask: Request) -> Lease | None:
     if state.settings.eager == "bypass":
         return None
     limiter = state.limiter()
+    if not ask.target:  # every throttle's key callable said EXEMPT
+        return limiter.exempt(ask.exempt)
     while True:
         try:
             booked = limiter.reserve(
@@ -297,7 +299,9 @@ def _eager(state: State, ask: Request) -> Lease | None:
             time.sleep(exc.retry_after)
             continue
         time.sleep(booked.delay)
-        return booked.redeem()
+        lease = booked.redeem()
+        lease.exempt = ask.exempt
+        return lease
 
 
 def spare_refusals(task: Task) -> None:

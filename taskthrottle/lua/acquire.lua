@@ -2,7 +2,8 @@
 prelude.lua; the op is the lease.
 
 ARGV[1]      now in ms, or '' to read Redis TIME (tests inject a clock)
-ARGV[2]      max wait ms: a bucket may be charged into debt if its turn comes within it
+ARGV[2]      max wait ms: a bucket or window may be charged into debt if its turn comes
+             within it (a window's turn is the start of a later window)
 ARGV[3]      slot ttl ms, counted from the turn; also the wait a refusal answers when the
              SLOTS_READ soonest slots to expire free too little (see slots_wait)
 ARGV[4]      lease id, the member of its slots
@@ -18,7 +19,7 @@ again (see `replay`). A lease's own slots never count against it.
 ]]
 
 -- The repeat of a grant made at `earlier` (a client retry, or the lease acquiring again
--- before OP_MEMORY_MS past its turn), given each entry's wait. Its buckets and quotas were charged then
+-- before OP_MEMORY_MS past its turn), given each entry's wait. Its buckets and windows were charged then
 -- and are not again. Its slots are held again from its turn: those it still holds only
 -- move their expiry; those freed meanwhile (released, or expired) are taken again when
 -- they fit now, else the repeat is refused, writing nothing: the cap is never exceeded.
@@ -43,7 +44,7 @@ local waits, refused, delay = {}, {}, 0
 for i, e in ipairs(entries) do
   local wait = look(e, now, lease, ttl)
   waits[i], delay = wait, max(delay, wait)
-  if wait > (e[KIND] == 0 and max_wait or 0) then
+  if wait > (e[KIND] ~= 1 and max_wait or 0) then
     refused[#refused + 1], refused[#refused + 2] = i, wait
   end
 end

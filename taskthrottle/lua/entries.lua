@@ -38,12 +38,15 @@ local function bucket_ttl(debit, anchor, now, refill, period)
   return max(1, refill_time(debit, refill, period) - max(0, now - anchor))
 end
 
--- FIELD and FIELD2: the hash fields of a bucket or quota. VALUE and SINCE: its stored
--- state (a bucket's debit and anchor, a quota's use and window; nil when none), brought
--- to now by `look`. USED: what the entry holds now. HELD: until when (ms) a pushback
--- holds off the entry's key (the hash's field "p", see pushback.lua), 0 when none.
+-- FIELD and FIELD2 (and FIELD3 for a sliding window): the hash fields of a bucket or
+-- window. VALUE and SINCE (and PREV): its stored state (a bucket's debit and anchor, a
+-- fixed window's use and window, a sliding window's count, window and previous count;
+-- nil when none), brought to now by `look`. USED: what the entry holds now. HELD: until
+-- when (ms) a pushback holds off the entry's key (the hash's field "p", see
+-- pushback.lua), 0 when none.
 local KEY, KIND, CAP, REFILL, PERIOD, AMOUNT, NAME, FIELD, FIELD2 = 1, 2, 3, 4, 5, 6, 7, 8, 9
-local VALUE, SINCE, USED, HELD = 10, 11, 12, 13
+local VALUE, SINCE, USED, HELD, PREV, FIELD3 = 10, 11, 12, 13, 14, 15
+local PREFIX = {['0'] = 'b', ['2'] = 'q', ['3'] = 's'}
 
 -- The entries ARGV[first..], and the hashes they use, each read with one HMGET: a list of
 -- {key, expiry, entry, entry, ...}.
@@ -51,17 +54,19 @@ local function read_entries(first)
   local entries, hashes, by_key = {}, {}, {}
   for i = first, #ARGV do
     local k, kind, cap, refill, period, amount, name =
-      string.match(ARGV[i], '^(%d+):([012]):(%d+):(%d+):(%d+):(%-?%d+):(.+)$')
+      string.match(ARGV[i], '^(%d+):([0123]):(%d+):(%d+):(%d+):(%-?%d+):(.+)$')
     k = tonumber(k)
     local e = {k and k > 1 and KEYS[k], tonumber(kind), tonumber(cap), tonumber(refill),
-      tonumber(period), tonumber(amount), name, false, false, nil, nil, 0, 0}
-    if not (e[KEY] and e[CAP] + e[REFILL] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT) then
+      tonumber(period), tonumber(amount), name, false, false, nil, nil, 0, 0, 0, false}
+    if not (e[KEY] and e[CAP] + e[REFILL] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT
+        and (kind ~= '3' or e[CAP] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT)) then
       return malformed(ARGV[i])
     end
     entries[#entries + 1] = e
     if kind ~= '1' then
-      local prefix = kind == '0' and 'b' or 'q'
+      local prefix = PREFIX[kind]
       e[FIELD], e[FIELD2] = prefix .. ':' .. name, prefix .. '@' .. name
+      if kind == '3' then e[FIELD3] = 's%' .. name end
       local hash = by_key[e[KEY]]
       if not hash then
         hash = {e[KEY], 0}
@@ -72,16 +77,21 @@ local function read_entries(first)
     end
   end
   for _, hash in ipairs(hashes) do
-    local fields, n = {}, #hash
+    local fields, n, at = {}, #hash, 0
     for j = 3, n do
-      fields[2 * j - 5], fields[2 * j - 4] = hash[j][FIELD], hash[j][FIELD2]
+      local e = hash[j]
+      fields[at + 1], fields[at + 2], at = e[FIELD], e[FIELD2], at + 2
+      if e[FIELD3] then fields[at + 1], at = e[FIELD3], at + 1 end
     end
-    fields[#fields + 1], fields[#fields + 2] = 'x', 'p'
+    fields[at + 1], fields[at + 2] = 'x', 'p'
     local values = redis.call('HMGET', hash[1], unpack(fields))
     local held = tonumber(values[#values]) or 0
+    at = 0
     for j = 3, n do
-      hash[j][VALUE], hash[j][SINCE] = tonumber(values[2 * j - 5]), tonumber(values[2 * j - 4])
-      hash[j][HELD] = held
+      local e = hash[j]
+      e[VALUE], e[SINCE], at = tonumber(values[at + 1]), tonumber(values[at + 2]), at + 2
+      if e[FIELD3] then e[PREV], at = tonumber(values[at + 1]) or 0, at + 1 end
+      e[HELD] = held
     end
     hash[2] = tonumber(values[#values - 1]) or 0
   end
@@ -167,10 +177,74 @@ local function slots_wait(e, now, used, amount, own, ttl)
   return max(1, ttl, wait)
 end
 
+-- A fixed window's use and window at now, debt carried (VALUE, SINCE as read), into USED
+-- and SINCE; the wait (ms) before `amount` fits. Mirrors window_level and window_wait of
+-- _algorithms.py.
+local function window_look(e, now, amount)
+  local cap, period = e[CAP], e[PERIOD]
+  local used, window = e[VALUE], e[SINCE]
+  if not (used and window) then
+    used, window = 0, floor(now / period)
+  else
+    local passed = floor(now / period) - window
+    if passed > 0 then
+      if passed >= math.ceil(used / cap) then used = 0 else used = used - passed * cap end
+      window = window + passed
+    end
+  end
+  e[USED], e[SINCE] = used, window
+  if used + amount <= cap then return 0 end
+  return (window + math.ceil((used + amount - cap) / cap)) * period - now
+end
+
+-- A sliding window's count, previous count and window at now (VALUE, PREV, SINCE), and
+-- what it holds (USED); the wait (ms) before `amount` fits. Mirrors sliding_level and
+-- sliding_wait of _algorithms.py.
+local function sliding_look(e, now, amount)
+  local cap, period = e[CAP], e[PERIOD]
+  local count, previous, window = e[VALUE], e[PREV], e[SINCE]
+  if not (count and window) then
+    count, previous, window = 0, 0, floor(now / period)
+  else
+    local passed = floor(now / period) - window
+    if passed > 0 then
+      if passed > math.ceil(count / cap) + 1 then
+        count, previous = 0, 0
+      else
+        previous = min(cap, max(0, count - (passed - 1) * cap))
+        count = max(0, count - passed * cap)
+      end
+      window = window + passed
+    end
+  end
+  local elapsed = max(0, now - window * period)
+  local used = count + previous - floor(previous * elapsed / period)
+  e[VALUE], e[PREV], e[SINCE], e[USED] = count, previous, window, used
+  if used + amount <= cap then return 0 end
+  amount = min(amount, cap)  -- only a settle asks with more, and reads no wait
+  local first = 0
+  if count + amount > cap then first = math.ceil((count + amount - cap) / cap) end
+  for ahead = first, first + 1 do
+    local count_then, previous_then = count, previous
+    if ahead > 0 then
+      count_then = max(0, count - ahead * cap)
+      previous_then = min(cap, max(0, count - (ahead - 1) * cap))
+    end
+    local room, at = cap - amount - count_then, nil
+    if previous_then <= room then
+      at = 0
+    elseif room > 0 then
+      at = math.ceil((previous_then - room) * period / previous_then)
+    end
+    if at then return (window + ahead) * period + at - now end
+  end
+  return error('taskthrottle: no window fits a sliding window entry')
+end
+
 -- Brings e's state to `now` and returns the wait (ms) before e's amount fits; the slots
 -- that `lease` (nil for none) holds of e already do not count against it, and a wait for
--- slots past what SLOTS_READ leases tell is `ttl` (see slots_wait). Mirrors quota_used,
--- quota_wait and slots_wait of _algorithms.py.
+-- slots past what SLOTS_READ leases tell is `ttl` (see slots_wait). Mirrors
+-- _algorithms.py.
 local function look(e, now, lease, ttl)
   local kind, amount, cap = e[KIND], e[AMOUNT], e[CAP]
   if kind == 0 then
@@ -179,11 +253,9 @@ local function look(e, now, lease, ttl)
     return max(bucket_wait(debit, anchor, used, now, cap, e[REFILL], e[PERIOD], amount),
       e[HELD] - now)
   elseif kind == 2 then
-    local window = floor(now / e[PERIOD])
-    if e[VALUE] and e[SINCE] == window then e[USED] = e[VALUE] end
-    e[SINCE] = window
-    if e[USED] + amount <= cap then return max(0, e[HELD] - now) end
-    return max((window + 1) * e[PERIOD] - now, e[HELD] - now)
+    return max(window_look(e, now, amount), e[HELD] - now)
+  elseif kind == 3 then
+    return max(sliding_look(e, now, amount), e[HELD] - now)
   end
   -- An acquire (given a `lease`) forgets the expired leases first, whether it is granted
   -- or refused: invisible, as they no longer count, and a refusal that kept them would
@@ -232,6 +304,16 @@ local function charge(hashes, now)
       local amount = e[AMOUNT]
       if amount == 0 then
         -- nothing changes
+      elseif e[KIND] == 3 then
+        local count = max(0, e[VALUE] + amount)
+        if count == 0 and e[PREV] == 0 then
+          del[#del + 1], del[#del + 2], del[#del + 3] = e[FIELD], e[FIELD2], e[FIELD3]
+        else
+          local n = #set
+          set[n + 1], set[n + 2], set[n + 3], set[n + 4] = e[FIELD], count, e[FIELD2], e[SINCE]
+          set[n + 5], set[n + 6] = e[FIELD3], e[PREV]
+          ttl = max(ttl, (e[SINCE] + math.ceil(count / e[CAP]) + 1) * e[PERIOD] - now)
+        end
       elseif e[USED] + amount <= 0 then
         del[#del + 1], del[#del + 2] = e[FIELD], e[FIELD2]
       else
@@ -242,7 +324,7 @@ local function charge(hashes, now)
           ttl = max(ttl, bucket_ttl(value, since, now, e[REFILL], e[PERIOD]))
         else
           since, value = e[SINCE], e[USED] + amount
-          ttl = max(ttl, (since + 1) * e[PERIOD] - now)
+          ttl = max(ttl, (since + math.ceil(value / e[CAP])) * e[PERIOD] - now)
         end
         local n = #set
         set[n + 1], set[n + 2], set[n + 3], set[n + 4] = e[FIELD], value, e[FIELD2], since

@@ -6,15 +6,18 @@ KEYS[1]     the op: `{ns}:op:a:<lease id>` for an acquire, `{ns}:op:s:<op id>` f
             the turn (ms) of an op already done, kept until OP_MEMORY_MS past that turn so
             that a call the client sends again changes nothing
 KEYS[2..]   the keys entries name by index: `{ns}:b:<key>`, a HASH of buckets and
-            quotas, two fields each ("b:<name>" = debit_mt and "b@<name>" = anchor_ms for a
-            bucket; "q:<name>" = used_mt and "q@<name>" = window index for a quota), and
+            windows, two fields each ("b:<name>" = debit_mt and "b@<name>" = anchor_ms for
+            a bucket; "q:<name>" = used_mt and "q@<name>" = window index for a fixed
+            window or quota) or three ("s:<name>" = count_mt, "s@<name>" = window index and
+            "s%<name>" = the previous window's count_mt for a sliding window), and
             "x" = the hash's expiry (ms), which spares a PEXPIRE on almost every call, and
             "p" = until when a pushback holds the key off (ms, see pushback.lua); and
             `{ns}:c:<key>`, a ZSET of concurrency slots, member "<name>:<slots_mt>:<lease
             id>", score = expiry (ms), and per name "#<name>", score = -1 - slots_mt held
             (see entries.lua)
 An entry is one ARGV, "i:kind:cap_mt:refill_mt:period_ms:amount_mt:name": KEYS[i] holds
-it, the hash for kind 0 (a bucket) and 2 (a quota), the zset for kind 1 (concurrency).
+it, the hash for kind 0 (a bucket), 2 (a fixed window or quota) and 3 (a sliding window,
+whose refill_mt is its cap_mt), the zset for kind 1 (concurrency).
 Amounts may be negative in settle.lua.
 
 Numbers are Lua doubles: every integer here stays below 2^53 (the client checks, and so

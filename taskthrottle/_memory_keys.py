@@ -195,6 +195,16 @@ def look(
         wait = alg.sliding_wait(sliding, now, cap, period, amount)
         return max(wait, held), sliding, key_state
     slots: Slots = raw or Slots()
+    wait = _slots_wait(key_state, slots, e, now, lease_id, ttl_ms)
+    # An acquire is held off by a pushback on every entry's key, slots included.
+    return max(wait, held if lease_id is not None else 0), slots, key_state
+
+
+def _slots_wait(
+    key_state: KeyState | None, slots: Slots, e: Entry, now: int, lease_id: str | None, ttl_ms: int
+) -> int:
+    """The wait for ``e``'s slots (see `look`)."""
+    cap, amount = e.cap, e.amount
     # Refusals too forget the expired leases, under the stripe's lock: this changes
     # nothing anyone can see, and the next call need not pass them again.
     slots.prune(now)
@@ -204,9 +214,9 @@ def look(
     else:
         used, own_id = slots.held - amount, lease_id
     if used + amount <= cap:
-        return 0, slots, key_state
+        return 0
     leases = in_order(key_state, slots, own_id, now)
-    return alg.slots_wait(used, leases, now, cap, amount, ttl_ms), slots, key_state
+    return alg.slots_wait(used, leases, now, cap, amount, ttl_ms)
 
 
 def used(e: Entry, level: Any) -> int:

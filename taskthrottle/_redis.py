@@ -125,6 +125,10 @@ class _Codec:
         for e in entries:
             hash_key, zset_key = self.key_names(e.key)
             name = zset_key if e.kind == CONCURRENCY else hash_key
+            if e.kind == CONCURRENCY and hash_key not in index:
+                # Declared for the pushback a slots-only request reads there (entries.lua).
+                keys.append(hash_key)
+                index[hash_key] = len(keys) + 1
             i = index.get(name)
             if i is None:
                 keys.append(name)

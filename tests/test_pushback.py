@@ -57,6 +57,17 @@ class TestPushback:
         clock.advance(12.5)
         limiter.acquire("openai", [rpm, tpm])
 
+    def test_holds_a_request_of_slots_alone(self, limiter: Limiter, clock: ManualClock) -> None:
+        """A request of concurrency slots only waits out the hold too; its slots stay free,
+        and it takes them once the hold has passed."""
+        slots = Limit.concurrency("calls", 2)
+        limiter.pushback("bridge", retry_after=3.0)
+        assert refused(limiter, "bridge", [slots]).retry_after == 3.0
+        assert limiter.available("bridge", [slots]) == {"calls": 2.0}
+        clock.advance(3.0)
+        limiter.acquire("bridge", [slots]).release()
+        limiter.acquire("other", [slots]).release()
+
     def test_a_later_hold_wins(self, limiter: Limiter, clock: ManualClock) -> None:
         """A shorter hold does not cut a longer one short; a longer one extends it."""
         limiter.pushback("k", retry_after=10)

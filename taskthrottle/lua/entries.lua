@@ -241,22 +241,9 @@ local function sliding_look(e, now, amount)
   return error('taskthrottle: no window fits a sliding window entry')
 end
 
--- Brings e's state to `now` and returns the wait (ms) before e's amount fits; the slots
--- that `lease` (nil for none) holds of e already do not count against it, and a wait for
--- slots past what SLOTS_READ leases tell is `ttl` (see slots_wait). Mirrors
--- _algorithms.py.
-local function look(e, now, lease, ttl)
-  local kind, amount, cap = e[KIND], e[AMOUNT], e[CAP]
-  if kind == 0 then
-    local debit, anchor, used = bucket_level(e[VALUE], e[SINCE], now, e[REFILL], e[PERIOD])
-    e[VALUE], e[SINCE], e[USED] = debit, anchor, used
-    return max(bucket_wait(debit, anchor, used, now, cap, e[REFILL], e[PERIOD], amount),
-      e[HELD] - now)
-  elseif kind == 2 then
-    return max(window_look(e, now, amount), e[HELD] - now)
-  elseif kind == 3 then
-    return max(sliding_look(e, now, amount), e[HELD] - now)
-  end
+-- The wait for e's slots (see `look`).
+local function slots_look(e, now, lease, ttl)
+  local amount, cap = e[AMOUNT], e[CAP]
   -- An acquire (given a `lease`) forgets the expired leases first, whether it is granted
   -- or refused: invisible, as they no longer count, and a refusal that kept them would
   -- read them all again on every call. A peek writes nothing: it discounts them.
@@ -275,6 +262,35 @@ local function look(e, now, lease, ttl)
   local own = lease and slots_own(e, lease, now) or 0
   if used - own + amount <= cap then return 0 end
   return slots_wait(e, now, used - own, amount, own > 0 and slot_member(e, lease) or nil, ttl)
+end
+
+-- Milliseconds a pushback (pushback.lua) still holds off the key of e's slots: it lives
+-- in the key's hash, which the client declares among the KEYS of a request with slots.
+local function pushed_back(e, now)
+  local tag_end = string.find(e[KEY], '}:c:', 1, true)
+  if not tag_end then return 0 end
+  local hash = string.sub(e[KEY], 1, tag_end) .. ':b:' .. string.sub(e[KEY], tag_end + 4)
+  return (tonumber(redis.call('HGET', hash, 'p')) or 0) - now
+end
+
+-- Brings e's state to `now` and returns the wait (ms) before e's amount fits; the slots
+-- that `lease` (nil for none) holds of e already do not count against it, and a wait for
+-- slots past what SLOTS_READ leases tell is `ttl` (see slots_wait). Mirrors
+-- _algorithms.py.
+-- An acquire is held off by a pushback on every entry's key, slots included.
+local function look(e, now, lease, ttl)
+  local kind, amount, cap = e[KIND], e[AMOUNT], e[CAP]
+  if kind == 0 then
+    local debit, anchor, used = bucket_level(e[VALUE], e[SINCE], now, e[REFILL], e[PERIOD])
+    e[VALUE], e[SINCE], e[USED] = debit, anchor, used
+    return max(bucket_wait(debit, anchor, used, now, cap, e[REFILL], e[PERIOD], amount),
+      e[HELD] - now)
+  elseif kind == 2 then
+    return max(window_look(e, now, amount), e[HELD] - now)
+  elseif kind == 3 then
+    return max(sliding_look(e, now, amount), e[HELD] - now)
+  end
+  return max(slots_look(e, now, lease, ttl), lease and pushed_back(e, now) or 0)
 end
 
 -- Holds the slots of every concurrency entry for `lease` until now + held, as `look` left

@@ -27,6 +27,8 @@ log = logging.getLogger("taskthrottle")
 #: Seconds a run key outlives the turn it was set for, so that copies held up on the way
 #: (a busy worker, a broker that was down) are still recognised as stale.
 RUN_KEY_TTL = 3_600
+#: What `Deferrals.begin` answers for a redelivery of a delivery that took its task over.
+OWNED = 2
 #: The maker a releaser's copy names when it asks to be published: no delivery made it, so
 #: it may not pass for an original delivery handing itself back.
 RELEASED = "*"
@@ -95,9 +97,11 @@ class Deferrals(Protocol):
         original delivery; `RELEASED`: a releaser publishing a parked task)."""
         ...
 
-    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
+    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> int:
         """May this delivery (a copy with ``token``, published by the copy holding ``prior``,
-        or the original) run?"""
+        or the original) run? 0: no; 1: yes; `OWNED`: it is a redelivery of a delivery that
+        took its task over (`own`), which runs again only where the broker acknowledges
+        after the body (acks_late, Dramatiq), and is a duplicate where it acknowledged early."""
         ...
 
     def own(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
@@ -166,9 +170,9 @@ class RedisDeferrals:
         """See `Deferrals.expect`."""
         return bool(self._call("expect", task_id, task_id, token, RUN_KEY_TTL, prior or ""))
 
-    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
+    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> int:
         """See `Deferrals.begin`."""
-        return bool(self._call("begin", task_id, task_id, token or "", RUN_KEY_TTL, prior or ""))
+        return int(self._call("begin", task_id, task_id, token or "", RUN_KEY_TTL, prior or ""))
 
     def own(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
         """See `Deferrals.own`."""
@@ -277,13 +281,15 @@ class MemoryDeferrals:
             self._run[task_id] = token
             return True
 
-    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> bool:
+    def begin(self, task_id: str, token: str | None, prior: str | None = None) -> int:
         """See `Deferrals.begin`."""
         with self._lock:
             current = self._run.get(task_id)
+            if current == f"body:{token or ''}":
+                return OWNED
             if not token:
-                return current in (None, "body:")
-            if current in (f"ran:{token}", f"body:{token}"):
+                return current is None
+            if current == f"ran:{token}":
                 return True
             if current in (None, token) or (prior and current in (prior, f"ran:{prior}")):
                 self._run[task_id] = f"ran:{token}"

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from taskthrottle._deferrals import Parked, RedisDeferrals, Releaser, Unreadable
+from taskthrottle._deferrals import OWNED, Parked, RedisDeferrals, Releaser, Unreadable
 from taskthrottle._exceptions import BreakerOpen, InvalidInput, StoreError, require
 from taskthrottle._gate import Defer, book_turn, give_back, refused, settle, take_over
 from taskthrottle._lease import Lease
@@ -198,20 +198,16 @@ class ThrottleMiddleware(Middleware):
         found = message.options.get(OPTION)
         meta = turn_meta = dict(found) if isinstance(found, dict) else {}
         token = meta.get("token")
-        if token and not self._begin(message.message_id, token, meta.get("prior")):
+        begun = self._begin(message.message_id, token, meta.get("prior")) if token else 1
+        if not begun:
             log.info("taskthrottle: dropping a stale copy of message %s", message.message_id)
             self._drop(message, "stale copy")
         attempt = int(message.options.get("retries") or 0)
         delivery, once = _delivery(message)
-        maker = token  # what the copies this delivery hands back name as their maker
-        doubtful = False  # a hand-back failed: its copy may have got out all the same
+        # What the copies this delivery hands back name as their maker. Dramatiq acks after
+        # the body, so the redelivery of one that took its task over (OWNED) runs again.
+        maker = f"body:{token}" if begun == OWNED else token
         while True:
-            if doubtful:
-                maker = take_over(self.state, message.message_id, token, meta.get("prior"))
-                if maker is None:
-                    log.info("taskthrottle: dropping message %s: a copy of it ran", delivery)
-                    self._drop(message, "a copy ran")
-                doubtful = False
             turn = book_turn(self.state, ask, delivery, turn_meta, attempt, once=once)
             if turn is None:
                 log.info("taskthrottle: dropping a second delivery of message %s", delivery)
@@ -222,14 +218,19 @@ class ThrottleMiddleware(Middleware):
                 return turn
             self._defer(broker, message, turn, maker)
             # The broker refused the copy: Retries would need the same broker, and a skip
-            # would lose the message. It waits here, in this thread, for its turn.
+            # would lose the message. It waits here, in this thread, for its turn, taken
+            # over first: the failed hand-back may have got out all the same.
+            maker = take_over(self.state, message.message_id, token, meta.get("prior"))
+            if maker is None:
+                log.info("taskthrottle: dropping message %s: a copy of it ran", delivery)
+                self._drop(message, "a copy ran")
             log.warning(
                 "taskthrottle: could not hand message %s back; holding it %.1f s in this worker",
                 message.message_id,
                 turn.wait,
             )
             time.sleep(turn.wait)
-            turn_meta, doubtful = turn.meta, True
+            turn_meta = turn.meta
 
     def _drop(self, message: Any, why: str) -> NoReturn:
         """Skip a delivery that must not run: another copy of it runs, or ran. With the
@@ -245,11 +246,11 @@ class ThrottleMiddleware(Middleware):
             app = f"dramatiq.{getattr(broker, 'namespace', None) or 'stub'}"
             self.state.park_with(lambda: _parking_client(broker, self.state.settings), app)
 
-    def _begin(self, message_id: str, token: str, prior: str | None) -> bool:
+    def _begin(self, message_id: str, token: str, prior: str | None) -> int:
         try:
             return self.state.deferrals().begin(message_id, token, prior)
         except StoreError:
-            return True  # cannot tell: at-least-once beats losing the message
+            return 1  # cannot tell: at-least-once beats losing the message
 
     def _defer(self, broker: Any, message: Any, turn: Defer, prior: str | None) -> None:
         """Enqueue a copy for ``turn.wait`` seconds from now (or park it), then skip this one

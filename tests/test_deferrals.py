@@ -8,6 +8,7 @@ import pytest
 
 from taskthrottle import _deferrals
 from taskthrottle._deferrals import (
+    OWNED,
     RELEASED,
     Deferrals,
     MemoryDeferrals,
@@ -123,7 +124,7 @@ def test_a_delivery_run_where_it_is_makes_what_its_failed_park_left_stale(
     clock.advance(2)
     assert deferrals.claim(lead=0, batch=10, hold=30).parked == []
     assert not deferrals.expect("t", "released", prior=RELEASED)  # claimed it already
-    assert deferrals.begin("t", None)  # the held original, redelivered after a crash
+    assert deferrals.begin("t", None) == OWNED  # the held original, delivered again
     assert deferrals.expect("t", "again")  # ... or requeued, and handing itself back
     assert deferrals.begin("t", "again")
 
@@ -138,7 +139,7 @@ def test_a_delivery_run_where_it_is_makes_what_its_failed_publish_left_stale(
     assert deferrals.begin("t", "p")
     assert deferrals.own("t", "p")
     assert not deferrals.begin("t", "escaped", prior="p")
-    assert deferrals.begin("t", "p")  # the held copy, redelivered after a crash
+    assert deferrals.begin("t", "p") == OWNED  # the held copy, delivered again
     assert deferrals.begin("t", "later", prior="body:p")  # handed back; expect failed
     assert not deferrals.begin("t", "again", prior="body:p")
 

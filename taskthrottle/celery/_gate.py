@@ -21,7 +21,7 @@ from celery.app.autoretry import add_autoretry_behaviour
 from celery.exceptions import Ignore, Reject
 from kombu.serialization import dumps, loads, prepare_accept_content
 
-from taskthrottle._deferrals import Unreadable
+from taskthrottle._deferrals import OWNED, Unreadable
 from taskthrottle._exceptions import BreakerOpen, InvalidInput, StoreError, Throttled
 from taskthrottle._gate import Defer, book_turn, give_back, refused, settle, take_over
 from taskthrottle._lease import Lease
@@ -131,7 +131,8 @@ def _admit(task: Task, state: State, ask: Request) -> tuple[Lease, str | None]:
     their maker; otherwise the task is handed back (Ignore or Reject)."""
     request = task.request
     meta = meta_of(request)
-    if not _current_copy(task, state, meta):
+    begun = _current_copy(task, state, meta)
+    if not begun:
         log.info("taskthrottle: dropping a stale copy of %s[%s]", task.name, request.id)
         raise Ignore()
     # Acknowledged before it ran (the default), a task delivered again was granted, and
@@ -139,15 +140,13 @@ def _admit(task: Task, state: State, ask: Request) -> tuple[Lease, str | None]:
     # redelivery is the broker handing back a task whose worker died: it runs again.
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
     once = not (task.acks_late and redelivered)
-    turn_meta, maker = meta, meta.get("token")  # maker: what this delivery's copies name
-    doubtful = False  # a hand-back failed: its copy may have got out all the same
+    token = meta.get("token")
+    if begun == OWNED and once:  # it ran where it was held, and this is its lost ack
+        log.info("taskthrottle: dropping a second delivery of %s[%s]", task.name, request.id)
+        raise Ignore()
+    # maker: what this delivery's copies name as the delivery that made them
+    turn_meta, maker = meta, (f"body:{token or ''}" if begun == OWNED else token)
     while True:
-        if doubtful:
-            maker = take_over(state, request.id, meta.get("token"), meta.get("prior"))
-            if maker is None:
-                log.info("taskthrottle: dropping %s[%s]: a copy of it ran", task.name, request.id)
-                raise Ignore()
-            doubtful = False
         turn = book_turn(state, ask, request.id, turn_meta, request.retries or 0, once=once)
         if turn is None:
             log.info("taskthrottle: dropping a second delivery of %s[%s]", task.name, request.id)
@@ -156,7 +155,12 @@ def _admit(task: Task, state: State, ask: Request) -> tuple[Lease, str | None]:
             return turn, maker
         _defer(task, state, turn, maker)
         # Neither the broker nor the store took the task back: it waits here, in this
-        # worker, for its turn.
+        # worker, for its turn. The failed hand-back may have got out all the same, and
+        # an ack lost meanwhile brings this delivery back: both must find it taken over.
+        maker = take_over(state, request.id, token, meta.get("prior"))
+        if maker is None:
+            log.info("taskthrottle: dropping %s[%s]: a copy of it ran", task.name, request.id)
+            raise Ignore()
         log.warning(
             "taskthrottle: could not hand %s[%s] back; holding it %.1f s in this worker",
             task.name,
@@ -164,12 +168,13 @@ def _admit(task: Task, state: State, ask: Request) -> tuple[Lease, str | None]:
             turn.wait,
         )
         time.sleep(turn.wait)
-        turn_meta, doubtful = turn.meta, True
+        turn_meta = turn.meta
 
 
-def _current_copy(task: Task, state: State, meta: dict[str, Any]) -> bool:
-    """False for a delivery that another copy of the task has superseded: the original
-    redelivered after it was deferred, or a copy published twice."""
+def _current_copy(task: Task, state: State, meta: dict[str, Any]) -> int:
+    """0 for a delivery that another copy of the task has superseded (the original
+    redelivered after it was deferred, or a copy published twice); `OWNED` for the
+    redelivery of one that took its task over (see `Deferrals.begin`); else 1."""
     token = meta.get("token")
     if token is None and not (task.request.delivery_info or {}).get("redelivered"):
         return True  # a first delivery of a task never deferred: nothing to check

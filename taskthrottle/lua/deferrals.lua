@@ -36,7 +36,9 @@ done    returns 1.
 aside   returns 1 if the task was parked (it is now set aside), else 0.
 expect  returns 1 if the token now owns the run key, 0 if an earlier copy already ran
         (other than the prior one, which is handing itself back).
-begin   returns 1 if this delivery may run: its token owns the key (or it ran under
+begin   returns 2 if this delivery took its task over before (`own`): redelivered, it
+        runs again only if its broker acknowledges after the body (see OWNED); else
+        returns 1 if this delivery may run: its token owns the key (or it ran under
         it before: an acks_late redelivery, or the key is gone), it was published by the
         copy that ran last (while the store could not record it), or it is an original
         whose task was never deferred.
@@ -119,6 +121,10 @@ if op == 'aside' then
   return 1
 end
 
+-- What begin answers for a delivery that ran its body where it was (own): a redelivery of
+-- it, which runs again under acks_late and is a duplicate of a delivery acknowledged early.
+local OWNED = 2
+
 -- Whether a run key names a copy that started ("ran:" or "body:").
 local function started(current)
   return current and (string.sub(current, 1, 4) == 'ran:' or string.sub(current, 1, 5) == 'body:')
@@ -144,8 +150,12 @@ end
 if op == 'begin' then
   local current = redis.call('GET', KEYS[4])
   local token, prior = ARGV[4], ARGV[6]
-  if token == '' then return (current and current ~= 'body:') and 0 or 1 end
-  if current == 'ran:' .. token or current == 'body:' .. token then return 1 end
+  if token == '' then
+    if not current then return 1 end
+    return current == 'body:' and OWNED or 0
+  end
+  if current == 'ran:' .. token then return 1 end
+  if current == 'body:' .. token then return OWNED end
   -- No key: nothing competes (it expired, or the store lost it). The prior copy's token:
   -- that copy handed this one back while the store could not record it.
   if not current or current == token

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import re
 import string
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,10 +58,49 @@ _KEYWORDS: dict[str, float] = {
 }
 
 
-def _keyword_limit(name: str, value: float, strategy: Strategy) -> Limit:
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def burst_seconds(burst: float | str) -> float:
+    """The span a keyword limit's bucket holds, in seconds: a number of seconds, or a
+    string such as ``"10s"``, ``"500ms"``, ``"2m"``."""
+    if isinstance(burst, str):
+        found = _DURATION.fullmatch(burst)
+        if found is None:
+            msg = f"burst must be seconds or a duration like '10s', '500ms', '2m'; got {burst!r}"
+            raise InvalidInput(msg)
+        seconds = float(found[1]) * _UNITS[found[2]]
+    elif isinstance(burst, (int, float)) and not isinstance(burst, bool):
+        seconds = float(burst)
+    else:
+        raise InvalidType(f"burst must be seconds or a duration like '10s', got {burst!r}")
+    if not (0 < seconds <= 86400):
+        raise InvalidInput(f"burst must be more than 0 s and at most a day, got {burst!r}")
+    return seconds
+
+
+def _keyword_limit(
+    name: str, value: float, strategy: Strategy, burst: float | str | None = None
+) -> Limit:
     if name == "concurrency":
         return Limit.concurrency(name, value)
-    return Limit.per_period(name, value, _KEYWORDS[name], strategy=strategy)
+    period = _KEYWORDS[name]
+    if burst is None:
+        return Limit.per_period(name, value, period, strategy=strategy)
+    if strategy != "token_bucket":
+        msg = f"throttled(burst={burst!r}) applies to token buckets, not strategy={strategy!r}"
+        raise InvalidInput(msg)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidType(f"limit {name!r} must be a number, got {value!r}")
+    capacity = round(value * burst_seconds(burst) / period, 3)  # limits count millis
+    if capacity < 1:
+        msg = (
+            f"burst={burst!r} gives {name}={value:g} a bucket of {capacity:g}, less than "
+            "one unit: no request could ever pass; give a longer burst"
+        )
+        raise InvalidInput(msg)
+    return Limit.per_period(name, value, period, burst=capacity, strategy=strategy)
 
 
 @dataclass(frozen=True)
@@ -91,6 +131,7 @@ def throttled(
     concurrency: float | None = None,
     breaker: str | None = None,
     strategy: Strategy = "token_bucket",
+    burst: float | str | None = None,
 ) -> Callable[[F], F]:
     """Record limits on a task function; the Celery and Dramatiq integrations enforce them.
 
@@ -100,12 +141,14 @@ def throttled(
     the task's arguments, or a callable of them, which may return `EXEMPT` to skip this
     throttle for that call. ``consume`` maps limit names to amounts or to callables of the
     task's arguments. Stacked ``@throttled`` decorators form one all-or-nothing lease.
-    ``breaker`` names a `Breaker`: while it refuses calls the task waits, rescheduled like
-    a throttled one.
+    ``burst`` is the span the keyword limits' buckets hold (``"10s"``: rpm=180 bursts to
+    30 requests); by default a bucket holds a whole period (rpm=180 bursts to 180), which
+    providers that enforce over shorter spans answer with 429s. ``breaker`` names a
+    `Breaker`: while it refuses calls the task waits, rescheduled like a throttled one.
     """
     given = {"rps": rps, "rpm": rpm, "rph": rph, "rpd": rpd, "tps": tps, "tpm": tpm}
     given |= {"tph": tph, "tpd": tpd, "concurrency": concurrency}
-    spec = throttle_spec(limits, key, consume, given, breaker, strategy)
+    spec = throttle_spec(limits, key, consume, given, breaker, strategy, burst)
 
     def decorate(func: F) -> F:
         check_key_fields(spec, func)
@@ -125,9 +168,10 @@ def throttle_spec(
     keywords: Mapping[str, float | None],
     breaker: str | None = None,
     strategy: Strategy = "token_bucket",
+    burst: float | str | None = None,
 ) -> Throttle:
     """The `Throttle` one ``throttled(...)`` records, checked; ``keywords`` are the keyword
-    limits (``{"rpm": 500}``), counted by ``strategy``."""
+    limits (``{"rpm": 500}``), counted by ``strategy``, their buckets holding ``burst``."""
     if breaker is not None and not (isinstance(breaker, str) and breaker):
         raise InvalidType(f"breaker must name a Breaker, got {breaker!r}")
     unknown = sorted(set(keywords) - set(_KEYWORDS))
@@ -142,8 +186,16 @@ def throttle_spec(
             "and none is given: give a Limit its strategy instead"
         )
         raise InvalidInput(msg)
+    if burst is not None and not any(
+        value is not None for name, value in keywords.items() if name != "concurrency"
+    ):
+        msg = (
+            f"throttled(burst={burst!r}) applies to keyword limits (rpm=..., tpm=...), and "
+            "none is given: give a Limit its burst instead"
+        )
+        raise InvalidInput(msg)
     built = [
-        _keyword_limit(name, value, strategy)
+        _keyword_limit(name, value, strategy, burst)
         for name, value in keywords.items()
         if value is not None
     ]

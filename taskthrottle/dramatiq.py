@@ -447,7 +447,8 @@ def _throttles_of(actor: Any) -> tuple[Throttle, ...]:
         key, consume = option.pop("key", None), option.pop("consume", None)
         breaker = option.pop("breaker", None)
         strategy = option.pop("strategy", "token_bucket")
-        spec = throttle_spec(tuple(limits), key, consume, option, breaker, strategy)
+        burst = option.pop("burst", None)
+        spec = throttle_spec(tuple(limits), key, consume, option, breaker, strategy, burst)
         check_key_fields(spec, actor.fn)
         found = (*found, spec)
     return found

@@ -23,7 +23,7 @@ from taskthrottle import (
     current_lease,
     throttled,
 )
-from taskthrottle.dramatiq import ThrottleMiddleware
+from taskthrottle.dramatiq import ThrottleMiddleware, _throttles_of
 from taskthrottle.testing import ManualClock
 from tests.helpers import wait_for
 
@@ -203,9 +203,9 @@ def test_a_failed_parking_goes_to_the_broker(broker: StubBroker) -> None:
 def test_a_bad_throttle_option_fails_at_declaration(broker: StubBroker) -> None:
     """A throttle option that throttled() refuses is an error when the actor is declared."""
     broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
-    with pytest.raises(InvalidInput, match="burst"):
+    with pytest.raises(InvalidInput, match="'3 parsecs'"):
 
-        @dramatiq.actor(throttle={"rps": 1, "burst": 3})
+        @dramatiq.actor(throttle={"rps": 1, "burst": "3 parsecs"})
         def job() -> None:
             return None
 
@@ -214,6 +214,18 @@ def test_a_bad_throttle_option_fails_at_declaration(broker: StubBroker) -> None:
         @dramatiq.actor(throttle={"rps": 1, "key": "t:{tenant}"})
         def other(user: str) -> None:
             return None
+
+
+def test_the_throttle_option_takes_a_burst(broker: StubBroker) -> None:
+    """throttle={"rpm": 180, "burst": "10s"}: the bucket holds ten seconds of the rate."""
+    broker.add_middleware(ThrottleMiddleware(Limiter(MemoryStore())))
+
+    @dramatiq.actor(throttle={"rpm": 180, "tpm": 6000, "burst": "10s"})
+    def call() -> None:
+        return None
+
+    (spec,) = _throttles_of(call)
+    assert {lim.name: round(lim.capacity) for lim in spec.limits} == {"rpm": 30, "tpm": 1000}
 
 
 def test_pipelines_survive_the_deferral(broker: StubBroker) -> None:

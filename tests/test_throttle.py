@@ -56,6 +56,54 @@ def test_keyword_limits_and_defaults() -> None:
     assert list(ask.target) == ["app.job"]
 
 
+@pytest.mark.parametrize("burst", ["10s", 10, 10.0, "10000ms", " 10 s", "0.1667m"])
+def test_a_burst_is_the_span_each_keyword_bucket_holds(burst: object) -> None:
+    """burst="10s": rpm=180 holds 30 requests and tpm=6000 holds 1000 tokens; the rates
+    stay what they were."""
+
+    @throttled(rpm=180, tpm=6000, burst=burst)  # type: ignore[arg-type]
+    def call(prompt: str) -> str:
+        return prompt
+
+    (spec,) = throttles_of(call)
+    found = {lim.name: (round(lim.capacity), lim.rate, lim.period) for lim in spec.limits}
+    assert found == {"rpm": (30, 180, 60), "tpm": (1000, 6000, 60)}
+
+
+def test_without_a_burst_a_keyword_bucket_holds_its_whole_period() -> None:
+    """The default is what users of other limiters expect: rpm=180 bursts to 180."""
+    (spec,) = throttles_of(throttled(rpm=180)(lambda: None))
+    assert spec.limits[0].capacity == 180
+
+
+def test_a_burst_under_one_call_holds_a_whole_call_elsewhere() -> None:
+    """The burst applies to keyword limits only; concurrency and Limit objects keep theirs."""
+    (spec,) = throttles_of(
+        throttled(Limit.per_second("x", 5), rpm=60, concurrency=2, burst="5s")(lambda: None)
+    )
+    assert {lim.name: lim.capacity for lim in spec.limits} == {"x": 5, "rpm": 5, "concurrency": 2}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rpm": 60, "burst": "10 parsecs"}, InvalidInput, "'10 parsecs'"),
+        ({"rpm": 60, "burst": 0}, InvalidInput, "burst must be more than 0"),
+        ({"rpm": 60, "burst": "2d"}, InvalidInput, "'2d'"),
+        ({"rpm": 60, "burst": [10]}, InvalidType, r"\[10\]"),
+        ({"rpm": 3, "burst": "1s"}, InvalidInput, "bucket of 0.05"),
+        ({"rpm": 60, "burst": "1s", "strategy": "fixed_window"}, InvalidInput, "fixed_window"),
+        ({"concurrency": 2, "burst": "1s"}, InvalidInput, "keyword limits"),
+    ],
+)
+def test_a_bad_burst_is_refused_naming_it(
+    kwargs: dict[str, object], error: type, match: str
+) -> None:
+    """A burst that cannot be read, or would make a bucket smaller than one call."""
+    with pytest.raises(error, match=match):
+        throttled(**kwargs)  # type: ignore[arg-type]
+
+
 def test_callable_keys_and_defaults_of_arguments() -> None:
     """A key may be a callable of the arguments; format keys see defaults too."""
 

@@ -20,7 +20,9 @@ from taskthrottle import _memory_keys as keys
 from taskthrottle._deferrals import Deferrals, MemoryDeferrals, RedisDeferrals
 from taskthrottle._entries import BUCKET, CONCURRENCY, Entry
 from taskthrottle._memory_keys import HELD, Locks, OpMemory, Slots, Stripe
+from taskthrottle._memory_room import MemoryRooms
 from taskthrottle._store import (
+    Admission,
     BreakerReply,
     BreakerSpec,
     Outcome,
@@ -54,6 +56,7 @@ class MemoryStore:
         self._acquired = OpMemory()
         self._settled = OpMemory()
         self._breakers = _circuit.Breakers()
+        self._rooms = MemoryRooms(self, lambda: round(self._clock() * 1000))
 
     def _locked(self, entries: Sequence[Entry]) -> Locks | threading.Lock:
         stripes = self._stripes
@@ -163,6 +166,42 @@ class MemoryStore:
             state.expires = until  # type: ignore[union-attr]
             self._acquired.remember(lease_id, now + delay)
         return _new(Outcome, (True, delay, now, (), False))
+
+    def estimate(self, entries: Sequence[Entry]) -> Outcome:
+        """The refusal an acquire of ``entries`` with no wait would get now (granted when
+        they fit), charging nothing."""
+        now = round(self._clock() * 1000)
+        with self._locked(entries):
+            found = self._refused(entries, now, 0)
+        return found._replace(granted=not found.violations)
+
+    def forget_grant(self, lease_id: str) -> None:
+        """Forget that ``lease_id`` was granted: acquiring it again charges it anew."""
+        self._acquired.done.pop(lease_id, None)
+
+    def join(
+        self,
+        room: str,
+        lease_id: str,
+        ref: str,
+        entries: Sequence[Entry],
+        ttl_ms: int,
+        expires_ms: int,
+    ) -> Outcome:
+        """See `taskthrottle.Rooms.join`."""
+        return self._rooms.join(room, lease_id, ref, entries, ttl_ms, expires_ms)
+
+    def admit(self, room: str, most: int, ttl_ms: int, grant_ms: int) -> Admission:
+        """See `taskthrottle.Rooms.admit`."""
+        return self._rooms.admit(room, most, ttl_ms, grant_ms)
+
+    def admitted(self, room: str, lease_ids: Sequence[str]) -> None:
+        """See `taskthrottle.Rooms.admitted`."""
+        self._rooms.admitted(room, lease_ids)
+
+    def waiting(self, room: str, lease_ids: Sequence[str]) -> list[bool]:
+        """See `taskthrottle.Rooms.waiting`."""
+        return self._rooms.waiting(room, lease_ids)
 
     def _refused(self, entries: Sequence[Entry], now: int, max_wait_ms: int) -> Outcome:
         """The refusal of a request some of whose entries wait beyond ``max_wait_ms``."""

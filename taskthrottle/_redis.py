@@ -47,6 +47,7 @@ from taskthrottle._deferrals import Deferrals, RedisDeferrals  # noqa: E402
 from taskthrottle._entries import BUCKET, CONCURRENCY, MAX_SHAPES, Entry, Shape  # noqa: E402
 from taskthrottle._store import (  # noqa: E402
     OP_MEMORY_MS,
+    Admission,
     BreakerReply,
     BreakerSpec,
     Outcome,
@@ -76,6 +77,7 @@ PEEK = Script("peek.lua", "prelude.lua", "entries.lua")
 RENEW = Script("renew.lua", "prelude.lua")
 PUSHBACK = Script("pushback.lua", "prelude.lua", "entries.lua")
 BREAKER = Script("breaker.lua", "prelude.lua")
+ROOM = Script("room.lua", "prelude.lua", "entries.lua")
 
 
 def check_namespace(namespace: object) -> str:
@@ -196,6 +198,31 @@ class _Codec:
 
     def breaker_key(self, name: str) -> str:
         return f"{self.tag}:cb:{name}"
+
+    def room_keys(self, room: str) -> list[str]:
+        """The keys of waiting room ``room`` (see lua/room.lua)."""
+        base = f"{self.tag}:room:{room}"
+        return [f"{base}:{part}" for part in "qtfugoe"]
+
+    def join(
+        self,
+        room: str,
+        lease_id: str,
+        ref: str,
+        entries: Sequence[Entry],
+        ttl_ms: int,
+        expires_ms: int,
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of room.lua's join."""
+        keys, argv, _ = self.encoding(entries)
+        return (
+            [self.acquired + lease_id, *keys, *self.room_keys(room)],
+            [self.now(), "join", lease_id, ref, ttl_ms, expires_ms, *argv],
+        )
+
+    def room(self, room: str, op: str, *args: Any) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of room.lua's other operations."""
+        return [self.acquired, *self.room_keys(room)], [self.now(), op, *args]
 
 
 def breaker_reply(reply: Any) -> BreakerReply:
@@ -565,6 +592,42 @@ class RedisStore:
         on its clock."""
         chosen = self.client if client is None else client
         return RedisDeferrals(chosen, self._codec.tag, self._codec.clock, app)
+
+    def join(
+        self,
+        room: str,
+        lease_id: str,
+        ref: str,
+        entries: Sequence[Entry],
+        ttl_ms: int,
+        expires_ms: int,
+    ) -> Outcome:
+        """See `taskthrottle.Rooms.join`."""
+        check_namespace(room)
+        reply = self._run(ROOM, *self._codec.join(room, lease_id, ref, entries, ttl_ms, expires_ms))
+        if reply == [3]:  # granted before: acquiring it again replays that grant
+            return self.acquire(lease_id, entries, 0, ttl_ms)
+        return outcome(reply)
+
+    def admit(self, room: str, most: int, ttl_ms: int, grant_ms: int) -> Admission:
+        """See `taskthrottle.Rooms.admit`."""
+        check_namespace(room)
+        args = (most, ttl_ms, grant_ms, self._codec.acquired)
+        reply = self._run(ROOM, *self._codec.room(room, "admit", *args))
+        granted = [(reply[i].decode(), reply[i + 1].decode()) for i in range(2, len(reply), 2)]
+        return Admission(granted, int(reply[1]), bool(reply[0]))
+
+    def admitted(self, room: str, lease_ids: Sequence[str]) -> None:
+        """See `taskthrottle.Rooms.admitted`."""
+        if lease_ids:
+            self._run(ROOM, *self._codec.room(check_namespace(room), "admitted", *lease_ids))
+
+    def waiting(self, room: str, lease_ids: Sequence[str]) -> list[bool]:
+        """See `taskthrottle.Rooms.waiting`."""
+        if not lease_ids:
+            return []
+        reply = self._run(ROOM, *self._codec.room(check_namespace(room), "waiting", *lease_ids))
+        return [x == 1 for x in reply]
 
 
 class AsyncRedisStore:

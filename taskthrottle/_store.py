@@ -8,7 +8,7 @@ operation (one Lua call in Redis).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from taskthrottle._entries import Entry
 from taskthrottle._exceptions import InvalidInput
@@ -185,4 +185,52 @@ class AsyncStore(Protocol):
 
     async def reset_breaker(self, name: str) -> None:
         """See `Store.reset_breaker`."""
+        ...
+
+
+class Admission(NamedTuple):
+    """What one admission of a waiting room did: the tickets granted (new ones, and those
+    granted earlier whose tasks were not taken yet), as (lease id, ref) pairs; how many
+    still wait; and whether the room has state (False before anything waited in it, and
+    once its state vanished: a caller that knew tickets waited learns that they were lost
+    with a restart, a flush or an eviction)."""
+
+    granted: list[tuple[str, str]]
+    waiting: int
+    intact: bool = True
+
+
+@runtime_checkable
+class Rooms(Protocol):
+    """A store with waiting rooms (`MemoryStore`, `RedisStore`): requests that cannot pass
+    now wait in the store, which grants them in fair order as soon as budget frees."""
+
+    def join(
+        self,
+        room: str,
+        lease_id: str,
+        ref: str,
+        entries: Sequence[Entry],
+        ttl_ms: int,
+        expires_ms: int,
+    ) -> Outcome:
+        """Grant the request now, as `Store.acquire` with no wait, when it fits and no
+        ticket of ``room`` waits for any of its resources; else queue a ticket for it (kept
+        ``expires_ms`` at most; ``ref`` is what the caller finds its task by) and answer
+        refused, with the wait its own limits alone would give. A lease id waiting
+        already is not queued twice."""
+        ...
+
+    def admit(self, room: str, most: int, ttl_ms: int, grant_ms: int) -> Admission:
+        """Give back the grants not taken up within ``grant_ms`` (refunded, their slots
+        freed, their lease ids forgotten), then grant in order the waiting tickets that
+        fit, at most ``most``, each as its acquire would (slots held ``ttl_ms``)."""
+        ...
+
+    def admitted(self, room: str, lease_ids: Sequence[str]) -> None:
+        """The granted tickets whose tasks took their leases up: they are kept."""
+        ...
+
+    def waiting(self, room: str, lease_ids: Sequence[str]) -> list[bool]:
+        """Whether each lease id still waits in ``room``."""
         ...

@@ -16,8 +16,16 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "taskthrottle"
 
 LAYERS = {
-    "model": {"_exceptions", "_limits", "_algorithms", "_entries", "headers"},
-    "stores": {"_store", "_circuit", "_deferrals", "_memory", "_memory_keys", "_redis"},
+    "model": {"_exceptions", "_limits", "_algorithms", "_entries", "_room", "headers"},
+    "stores": {
+        "_store",
+        "_circuit",
+        "_deferrals",
+        "_memory",
+        "_memory_keys",
+        "_memory_room",
+        "_redis",
+    },
     "limiter": {"_reports", "_renewal", "_outage", "_lease", "_limiter", "_throttle", "_breaker"},
     "integrations": {"_settings", "_gate", "celery", "celery._gate", "celery._release", "dramatiq"},
     "face": {"", "__main__", "cli", "metrics", "testing", "tenacity"},

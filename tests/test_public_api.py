@@ -16,8 +16,9 @@ from taskthrottle import _exceptions
 
 #: Public, but not in __all__: they need the redis extra, and a star import must not.
 REDIS_STORES = ("AsyncRedisStore", "RedisStore")
-#: What a store hands the task-queue integrations (where they park tasks), never a user.
-HANDED_TO_INTEGRATIONS = {"Deferrals"}
+#: What a store hands the task-queue integrations (where they park tasks, what a waiting
+#: room admitted), never a user.
+HANDED_TO_INTEGRATIONS = {"Deferrals", "Admission"}
 
 
 def test_all_is_sorted_and_complete() -> None:

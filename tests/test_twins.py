@@ -19,8 +19,9 @@ from taskthrottle._redis import AsyncRedisStore, RedisStore
 #: Names that differ by design: the async twin of ``close`` is ``aclose``, as in
 #: redis-py's asyncio client and contextlib.
 RENAMED = {"close": "aclose"}
-#: Sync only by design: where the (sync) worker integrations park tasks.
-SYNC_ONLY = {"deferrals"}
+#: Sync only by design: where the (sync) worker integrations park tasks, and the waiting
+#: rooms they keep their waiting tasks in.
+SYNC_ONLY = {"deferrals", "join", "admit", "admitted", "waiting"}
 
 
 def public(cls: type) -> set[str]:

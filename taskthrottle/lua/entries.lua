@@ -48,34 +48,36 @@ local KEY, KIND, CAP, REFILL, PERIOD, AMOUNT, NAME, FIELD, FIELD2 = 1, 2, 3, 4, 
 local VALUE, SINCE, USED, HELD, PREV, FIELD3 = 10, 11, 12, 13, 14, 15
 local PREFIX = {['0'] = 'b', ['2'] = 'q', ['3'] = 's'}
 
--- The entries ARGV[first..], and the hashes they use, each read with one HMGET: a list of
--- {key, expiry, entry, entry, ...}.
-local function read_entries(first)
-  local entries, hashes, by_key = {}, {}, {}
-  for i = first, #ARGV do
-    local k, kind, cap, refill, period, amount, name =
-      string.match(ARGV[i], '^(%d+):([0123]):(%d+):(%d+):(%d+):(%-?%d+):(.+)$')
-    k = tonumber(k)
-    local e = {k and k > 1 and KEYS[k], tonumber(kind), tonumber(cap), tonumber(refill),
-      tonumber(period), tonumber(amount), name, false, false, nil, nil, 0, 0, 0, false}
-    if not (e[KEY] and e[CAP] + e[REFILL] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT
-        and (kind ~= '3' or e[CAP] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT)) then
-      return malformed(ARGV[i])
-    end
-    entries[#entries + 1] = e
-    if kind ~= '1' then
-      local prefix = PREFIX[kind]
-      e[FIELD], e[FIELD2] = prefix .. ':' .. name, prefix .. '@' .. name
-      if kind == '3' then e[FIELD3] = 's%' .. name end
-      local hash = by_key[e[KEY]]
-      if not hash then
-        hash = {e[KEY], 0}
-        by_key[e[KEY]] = hash
-        hashes[#hashes + 1] = hash
-      end
-      hash[#hash + 1] = e
-    end
+-- An entry of the hash or zset named `key`, from its numbers as text; nil when malformed.
+local function new_entry(key, kind, cap, refill, period, amount, name)
+  local e = {key, tonumber(kind), tonumber(cap), tonumber(refill), tonumber(period),
+    tonumber(amount), name, false, false, nil, nil, 0, 0, 0, false}
+  if not (key and e[CAP] and e[CAP] + e[REFILL] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT
+      and (kind ~= '3' or e[CAP] * e[PERIOD] + math.abs(e[AMOUNT]) < LIMIT)) then
+    return nil
   end
+  if kind ~= '1' then
+    local prefix = PREFIX[kind]
+    e[FIELD], e[FIELD2] = prefix .. ':' .. name, prefix .. '@' .. name
+    if kind == '3' then e[FIELD3] = 's%' .. name end
+  end
+  return e
+end
+
+-- Files a bucket or window entry under its hash in `hashes`, a list of {key, expiry,
+-- entry, entry, ...} (`by_key` finds each).
+local function add_to_hash(e, hashes, by_key)
+  local hash = by_key[e[KEY]]
+  if not hash then
+    hash = {e[KEY], 0}
+    by_key[e[KEY]] = hash
+    hashes[#hashes + 1] = hash
+  end
+  hash[#hash + 1] = e
+end
+
+-- Reads the state of every entry of `hashes`, one HMGET per hash.
+local function load_hashes(hashes)
   for _, hash in ipairs(hashes) do
     local fields, n, at = {}, #hash, 0
     for j = 3, n do
@@ -95,6 +97,22 @@ local function read_entries(first)
     end
     hash[2] = tonumber(values[#values - 1]) or 0
   end
+end
+
+-- The entries ARGV[first..], and the hashes they use, each read with one HMGET: a list of
+-- {key, expiry, entry, entry, ...}.
+local function read_entries(first)
+  local entries, hashes, by_key = {}, {}, {}
+  for i = first, #ARGV do
+    local k, kind, cap, refill, period, amount, name =
+      string.match(ARGV[i], '^(%d+):([0123]):(%d+):(%d+):(%d+):(%-?%d+):(.+)$')
+    k = tonumber(k)
+    local e = new_entry(k and k > 1 and KEYS[k], kind, cap, refill, period, amount, name)
+    if not e then return malformed(ARGV[i]) end
+    entries[#entries + 1] = e
+    if kind ~= '1' then add_to_hash(e, hashes, by_key) end
+  end
+  load_hashes(hashes)
   return entries, hashes
 end
 
